@@ -1,0 +1,16 @@
+"""autosp: automatic sequence parallelism for PyTorch training, as a torch.compile pass."""
+
+from autosp.api import Config, SequenceParallel, gather_sequence, parallelize
+from autosp.comm.ops import count_collectives
+from autosp.errors import AutoSPError, InputMismatchError
+
+__all__ = [
+    "AutoSPError",
+    "Config",
+    "InputMismatchError",
+    "SequenceParallel",
+    "count_collectives",
+    "gather_sequence",
+    "parallelize",
+]
+__version__ = "0.1.0"

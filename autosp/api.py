@@ -1,0 +1,223 @@
+"""The public entry point: ``autosp.parallelize(model)``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.utils.weak import WeakIdKeyDictionary
+
+from autosp.comm.grad_sync import GradSync
+from autosp.compiler.backend import AutoSPBackend, TraceState
+from autosp.compiler.propagate import Plan
+from autosp.errors import AutoSPError
+
+logger = logging.getLogger(__name__)
+
+INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    """Options of ``parallelize``; the defaults just work."""
+
+    backend: str = "inductor"
+    """Compiler for the rewritten graph: ``"inductor"`` or ``"aot_eager"`` (fast to compile)."""
+    sync_grads: bool = True
+    """Sum parameter gradients over the group after each backward. Turn off only when a
+    data-parallel wrapper over the same ranks already does it."""
+    bucket_mb: float = 25.0
+    """Size of the gradient all-reduce buckets."""
+    check_inputs: bool = True
+    """Check on the first call that every rank got the same batch (one small all-gather)."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in INNER_BACKENDS:
+            raise ValueError(
+                f"autosp: backend {self.backend!r} is not one of {', '.join(INNER_BACKENDS)}"
+            )
+        if self.bucket_mb <= 0:
+            raise ValueError(f"autosp: bucket_mb must be positive, got {self.bucket_mb}")
+
+
+def resolve_group(group: dist.ProcessGroup | DeviceMesh | None) -> dist.ProcessGroup:
+    """The sequence-parallel ProcessGroup from a group, a 1-D DeviceMesh or the default."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise AutoSPError(
+            "autosp: torch.distributed is not initialised. Call "
+            "torch.distributed.init_process_group() first (launch with torchrun, or use "
+            "`autosp train`, which launches the ranks for you)."
+        )
+    if group is None:
+        return dist.group.WORLD
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise AutoSPError(
+                f"autosp: the DeviceMesh has {group.ndim} dimensions; pass the 1-D sub-mesh of "
+                "the sequence-parallel dimension, e.g. mesh['sp']."
+            )
+        return group.get_group()
+    return group
+
+
+class SequenceParallel(nn.Module):
+    """A module whose forward runs sequence-parallel over ``group``; see ``parallelize``."""
+
+    def __init__(self, module: nn.Module, group: dist.ProcessGroup, config: Config) -> None:
+        super().__init__()
+        self.module = module
+        self.group = group
+        self.config = config
+        self._state = TraceState()
+        backend = AutoSPBackend(group, config.backend, config.check_inputs, self._state)
+        self._compiled = torch.compile(module, backend=backend, fullgraph=True)
+        self._grad_sync = GradSync(module, group, config.bucket_mb) if config.sync_grads else None
+
+    @property
+    def plans(self) -> list[Plan]:
+        """What the compiler did, one plan per compiled graph (attention, loss, gathered ops)."""
+        return self._state.plans
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._state.seq_len = mark_sequence(args, kwargs)
+        try:
+            out = self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.Unsupported as err:
+            raise AutoSPError(
+                "autosp: the model's forward could not be captured as one graph "
+                f"({type(err).__name__}: {str(err).splitlines()[0]}). autosp needs the whole "
+                "forward in one graph; remove the graph break (see TORCH_LOGS=graph_breaks)."
+            ) from err
+        if kwargs.get("labels") is not None and _loss_of(out) is None:
+            raise AutoSPError(
+                "autosp: labels were given but the model returned no loss. autosp computes the "
+                "loss inside the model so that it is exact across ranks; return the loss from "
+                "forward (Hugging Face models do when labels= is passed)."
+            )
+        return out
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module.load_state_dict(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def _loss_of(out: Any) -> Any:
+    if isinstance(out, dict):
+        return out.get("loss")
+    return getattr(out, "loss", None)
+
+
+def mark_sequence(args: tuple, kwargs: dict) -> int:
+    """Mark the sequence dimension of every token input dynamic; return the sequence length.
+
+    The sequence is the longest dimension among the token inputs (all dimensions of integer
+    tensors, all but the feature dimension of floating ones): long-context training has far
+    more tokens than sequences in a batch. Compilation then checks that attention runs along it.
+    """
+    tensors = [t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)]
+    if not tensors:
+        raise AutoSPError("autosp: the model was called without tensor inputs")
+
+    def token_dims(t: torch.Tensor) -> range:
+        return range(t.dim() if not t.is_floating_point() else t.dim() - 1)
+
+    seq_len = max((t.shape[d] for t in tensors for d in token_dims(t)), default=0)
+    if seq_len < 2:
+        raise AutoSPError(f"autosp: the inputs have no sequence to split (shapes {[tuple(t.shape) for t in tensors]})")
+    for t in tensors:
+        for d in token_dims(t):
+            if t.shape[d] == seq_len:
+                torch._dynamo.mark_dynamic(t, d)
+    return seq_len
+
+
+def parallelize(
+    model: nn.Module,
+    *,
+    group: dist.ProcessGroup | DeviceMesh | None = None,
+    config: Config | None = None,
+    **options: Any,
+) -> SequenceParallel:
+    """Make ``model``'s training step sequence-parallel over ``group``.
+
+    Every rank of the group calls the returned module with the same full-length batch; the
+    loss is that of one process on the whole batch, sequence-shaped outputs come back as this
+    rank's rows (``gather_sequence`` joins them) and parameter gradients are summed over the
+    group after ``backward()``.
+
+    Args:
+        model: any module whose forward uses ``scaled_dot_product_attention``.
+        group: the sequence-parallel ranks: a ProcessGroup, a 1-D DeviceMesh, or None for
+            all ranks of the default group.
+        config: a ``Config``; or give its fields as keyword options (``backend="aot_eager"``).
+
+    Raises:
+        AutoSPError: torch.distributed is not initialised, or the group is not 1-D.
+    """
+    if config is not None and options:
+        raise TypeError("autosp: pass either config= or keyword options, not both")
+    config = config or Config(**options)
+    return SequenceParallel(model, resolve_group(group), config)
+
+
+_SHARDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+@dataclass(frozen=True, slots=True)
+class _ShardInfo:
+    dim: int
+    length: int
+    group: dist.ProcessGroup
+
+
+def register_shard(t: torch.Tensor, dim: int, length: int, group: dist.ProcessGroup) -> None:
+    """Remember that ``t`` is this rank's rows of a sequence of ``length`` along ``dim``."""
+    _SHARDS[t] = _ShardInfo(dim, length, group)
+
+
+def gather_sequence(t: torch.Tensor) -> torch.Tensor:
+    """The full-length tensor from this rank's rows of a sequence-shaped output.
+
+    Every rank of the group must call it. The backward keeps this rank's rows of the gradient,
+    which is right when every rank computes the same thing from the gathered tensor.
+    """
+    info = _SHARDS.get(t)
+    if info is None:
+        raise AutoSPError(
+            "autosp: gather_sequence() got a tensor that is not a sequence-sharded output of a "
+            "parallelized model (pass the output itself, e.g. out.logits, before other ops)."
+        )
+    return _GatherRows.apply(t, info.dim, info.length, info.group)
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, dim: int, length: int, group: dist.ProcessGroup):  # noqa: ANN001, ANN205
+        world = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        block = -(-length // world)
+        ctx.dim, ctx.start, ctx.rows = dim, min(rank * block, length), t.shape[dim]
+        padded = torch.zeros_like(t.narrow(dim, 0, 1)).expand(
+            *[block if d == dim else s for d, s in enumerate(t.shape)]
+        ).contiguous()
+        padded.narrow(dim, 0, t.shape[dim]).copy_(t)
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat(parts, dim=dim).narrow(dim, 0, length)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return grad.narrow(ctx.dim, ctx.start, ctx.rows), None, None, None

@@ -1,0 +1,211 @@
+"""Collectives over the sequence-parallel group, as ``torch.library`` custom ops.
+
+Every op takes the group by name (``ProcessGroup.group_name``) so that it can live in a
+compiled graph; each has a fake (shape) implementation and a registered autograd formula.
+
+Gradient convention (see ``autosp/compiler/placement.py``): a *sharded* value carries the
+gradient of its own slice; a *replicated* value carries a partial gradient (the true gradient
+is the sum over ranks); a *partial* value carries the full gradient on every rank.
+
+=================  =======================  ===========================================
+op                 forward                  backward
+=================  =======================  ===========================================
+all_to_all         split dim a, concat b    all_to_all with a and b swapped
+all_gather         shard -> full (dim d)    reduce-scatter (partial grad -> shard grad)
+all_reduce         partial -> replicated    all_reduce  (partial grad -> full grad)
+all_reduce_loss    partial -> replicated    identity    (the caller seeds the same grad on
+                                                          every rank, as ``loss.backward()``)
+scale_grad         identity                 grad * factor
+=================  =======================  ===========================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
+
+_counts: Counter[str] = Counter()
+
+
+@contextlib.contextmanager
+def count_collectives() -> Iterator[Counter[str]]:
+    """Count the autosp collectives that run inside the block, by op name."""
+    start = Counter(_counts)
+    result: Counter[str] = Counter()
+    try:
+        yield result
+    finally:
+        result.update(_counts - start)
+
+
+def _group(name: str) -> dist.ProcessGroup:
+    return _resolve_process_group(name)
+
+
+# --------------------------------------------------------------------------- all_to_all
+
+
+@torch.library.custom_op("autosp::all_to_all", mutates_args=())
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: str) -> torch.Tensor:
+    """Split ``x`` into P chunks along ``scatter_dim``, send chunk i to rank i, and concatenate
+    the chunks received along ``gather_dim`` (in rank order)."""
+    _counts["all_to_all"] += 1
+    pg = _group(group)
+    world = dist.get_world_size(pg)
+    send = torch.stack(x.chunk(world, dim=scatter_dim)).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=pg)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+@all_to_all.register_fake
+def _(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: str) -> torch.Tensor:
+    world = dist.get_world_size(_group(group))
+    shape = list(x.shape)
+    shape[scatter_dim] = shape[scatter_dim] // world
+    shape[gather_dim] = shape[gather_dim] * world
+    return x.new_empty(shape)
+
+
+def _all_to_all_backward(ctx, grad: torch.Tensor):  # noqa: ANN001
+    return all_to_all(grad, ctx.gather_dim, ctx.scatter_dim, ctx.group), None, None, None
+
+
+def _all_to_all_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    _, ctx.scatter_dim, ctx.gather_dim, ctx.group = inputs
+
+
+all_to_all.register_autograd(_all_to_all_backward, setup_context=_all_to_all_setup)
+
+
+# --------------------------------------------------------------------------- all_gather
+
+
+@torch.library.custom_op("autosp::all_gather", mutates_args=())
+def all_gather(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` (all ranks hold the same shape)."""
+    _counts["all_gather"] += 1
+    pg = _group(group)
+    moved = x.movedim(dim, 0).contiguous()
+    out = moved.new_empty((dist.get_world_size(pg) * moved.shape[0], *moved.shape[1:]))
+    dist.all_gather_into_tensor(out, moved, group=pg)
+    return out.movedim(0, dim).contiguous()
+
+
+@all_gather.register_fake
+def _(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    shape = list(x.shape)
+    shape[dim] = shape[dim] * dist.get_world_size(_group(group))
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("autosp::reduce_scatter", mutates_args=())
+def reduce_scatter(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """Sum ``x`` over ranks and keep this rank's chunk along ``dim``."""
+    _counts["reduce_scatter"] += 1
+    pg = _group(group)
+    world = dist.get_world_size(pg)
+    moved = x.movedim(dim, 0).contiguous()
+    out = moved.new_empty((moved.shape[0] // world, *moved.shape[1:]))
+    dist.reduce_scatter_tensor(out, moved, group=pg)
+    return out.movedim(0, dim).contiguous()
+
+
+@reduce_scatter.register_fake
+def _(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    shape = list(x.shape)
+    shape[dim] = shape[dim] // dist.get_world_size(_group(group))
+    return x.new_empty(shape)
+
+
+def _all_gather_backward(ctx, grad: torch.Tensor):  # noqa: ANN001
+    return reduce_scatter(grad, ctx.dim, ctx.group), None, None
+
+
+def _reduce_scatter_backward(ctx, grad: torch.Tensor):  # noqa: ANN001
+    return all_gather(grad, ctx.dim, ctx.group), None, None
+
+
+def _dim_group_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    _, ctx.dim, ctx.group = inputs
+
+
+all_gather.register_autograd(_all_gather_backward, setup_context=_dim_group_setup)
+reduce_scatter.register_autograd(_reduce_scatter_backward, setup_context=_dim_group_setup)
+
+
+# --------------------------------------------------------------------------- all_reduce
+
+
+@torch.library.custom_op("autosp::all_reduce", mutates_args=())
+def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
+    """Sum ``x`` over ranks; the backward sums the gradient over ranks too."""
+    _counts["all_reduce"] += 1
+    out = x.contiguous().clone()
+    dist.all_reduce(out, group=_group(group))
+    return out
+
+
+@torch.library.custom_op("autosp::all_reduce_loss", mutates_args=())
+def all_reduce_loss(x: torch.Tensor, group: str) -> torch.Tensor:
+    """Sum ``x`` over ranks; identity backward (every rank seeds the same output gradient)."""
+    _counts["all_reduce"] += 1
+    out = x.contiguous().clone()
+    dist.all_reduce(out, group=_group(group))
+    return out
+
+
+@all_reduce.register_fake
+def _(x: torch.Tensor, group: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@all_reduce_loss.register_fake
+def _(x: torch.Tensor, group: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _group_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    ctx.group = inputs[1]
+
+
+def _all_reduce_backward(ctx, grad: torch.Tensor):  # noqa: ANN001
+    return all_reduce(grad, ctx.group), None
+
+
+def _identity_backward(ctx, grad: torch.Tensor):  # noqa: ANN001
+    return grad, None
+
+
+all_reduce.register_autograd(_all_reduce_backward, setup_context=_group_setup)
+all_reduce_loss.register_autograd(_identity_backward, setup_context=_group_setup)
+
+
+# --------------------------------------------------------------------------- scale_grad
+
+
+@torch.library.custom_op("autosp::scale_grad", mutates_args=())
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity in the forward; multiplies the gradient by ``factor`` in the backward."""
+    return x.clone()
+
+
+@scale_grad.register_fake
+def _(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _scale_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    ctx.factor = inputs[1]
+
+
+def _scale_backward(ctx, grad: torch.Tensor):  # noqa: ANN001
+    return grad * ctx.factor, None
+
+
+scale_grad.register_autograd(_scale_backward, setup_context=_scale_setup)

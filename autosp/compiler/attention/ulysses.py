@@ -1,0 +1,88 @@
+"""Ulysses attention: trade the sequence shard for a head shard around the attention kernel.
+
+Note [Ulysses]
+--------------
+Each rank holds ``L`` query/key/value rows of all ``H`` heads. One all-to-all per tensor gives
+it all ``P*L`` rows of ``H/P`` heads; attention runs unchanged on those heads; one all-to-all
+brings the output back to ``L`` rows of all heads::
+
+    q, k, v  [B, H, L, D]  --all_to_all-->  [B, H/P, P*L, D]  --sdpa-->  [B, H/P, P*L, D]
+    out      [B, H, L, D]  <--all_to_all--  (4 all-to-alls forward, 4 backward)
+
+Rank ``r`` gets query heads ``[r*H/P, (r+1)*H/P)`` and key/value heads
+``[r*Hkv/P, (r+1)*Hkv/P)``, which are exactly the key/value heads those query heads use under
+grouped-query attention, so ``enable_gqa`` keeps its meaning.
+
+Padding rows sit at the end of the sequence: causal attention never lets a real query see
+them; non-causal attention gets a key mask that hides them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from autosp.comm import ops
+from autosp.compiler import runtime
+
+
+def _attention_mask(
+    mask: torch.Tensor | None,
+    seq_len: int,
+    padded: int,
+    head_start: int,
+    heads: int,
+    is_causal: bool,
+) -> torch.Tensor | None:
+    """The whole-sequence mask for this rank's heads, padded to ``padded`` rows and columns.
+
+    Padding keys are hidden from every real query; padding queries see everything, so that no
+    row of the softmax is empty.
+    """
+    if mask is None and is_causal:
+        return None
+    key_valid = torch.arange(padded, device=mask.device if mask is not None else None) < seq_len
+    if mask is None:
+        return key_valid
+    if mask.dim() >= 3 and mask.shape[-3] > 1:
+        mask = mask.narrow(-3, head_start, heads)
+    query_pad = ~key_valid.unsqueeze(-1)
+    if mask.dtype == torch.bool:
+        mask = runtime.pad_dim(runtime.pad_dim(mask, -1, padded, False), -2, padded, True)
+        return (mask & key_valid) | query_pad
+    mask = runtime.pad_dim(runtime.pad_dim(mask, -1, padded, float("-inf")), -2, padded, 0.0)
+    return mask.masked_fill(query_pad, 0.0)
+
+
+def ulysses_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    *,
+    seq_len: int,
+    rank: int,
+    world: int,
+    group: str,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` on sequence-sharded ``[..., H, L, D]`` inputs."""
+    head_dim, seq_dim = query.dim() - 3, query.dim() - 2
+    q, k, v = (ops.all_to_all(t, head_dim, seq_dim, group) for t in (query, key, value))
+    heads = q.shape[head_dim]
+    padded = q.shape[seq_dim]
+    mask = _attention_mask(attn_mask, seq_len, padded, rank * heads, heads, is_causal)
+    out = F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+    )
+    return ops.all_to_all(out, seq_dim, head_dim, group)

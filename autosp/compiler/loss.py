@@ -1,0 +1,89 @@
+"""The loss over a sharded sequence, exact.
+
+Note [Exact loss]
+-----------------
+A mean over tokens is ``L = sum_r local_sum_r / sum_r local_count_r``. Each rank computes its
+sum of per-token losses and its count of labels that are not ``ignore_index``; one all-reduce
+sums both. The all-reduce has an identity backward: every rank seeds the same gradient of
+``L`` (``loss.backward()``), and each rank owns only its own term of the sum, so the
+parameter gradients, summed over ranks, are the single-process ones.
+
+Labels are shifted by the model on the *whole* label tensor (they are replicated until they
+meet the logits) and only then sliced like the logits; padding rows get ``ignore_index``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+from autosp.comm import ops
+from autosp.compiler.ops_table import op_name
+from autosp.compiler.placement import Partial, Replicate, Shard
+from autosp.compiler.propagate import ShardingPass, UnsupportedOp, meta
+
+
+def mean_loss(
+    loss_fn_name: str,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    group: str,
+) -> torch.Tensor:
+    """The token-mean loss of the whole sequence from this rank's rows."""
+    if loss_fn_name == "cross_entropy":
+        total = F.cross_entropy(
+            logits,
+            target,
+            ignore_index=ignore_index,
+            reduction="sum",
+            label_smoothing=label_smoothing,
+        )
+    else:
+        total = F.nll_loss(logits, target, ignore_index=ignore_index, reduction="sum")
+    count = (target != ignore_index).sum().to(total.dtype)
+    both = ops.all_reduce_loss(torch.stack([total, count]), group)
+    return both[0] / both[1]
+
+
+def shard_loss(sp: ShardingPass, node: Node) -> None:
+    """Rewrite ``cross_entropy`` / ``nll_loss`` on sharded logits into its exact sharded form."""
+    from autosp.compiler.rules import bind
+
+    name = op_name(node)
+    fn = F.cross_entropy if name == "cross_entropy" else F.nll_loss
+    args = bind(fn, node).arguments
+    logits, target = args["input"], args["target"]
+    placement = sp.placement(logits)
+    if not isinstance(placement, Shard) or isinstance(sp.placement(target), Partial):
+        raise UnsupportedOp("the loss input is not sharded along the sequence")
+    if args["weight"] is not None or args["size_average"] is not None or args["reduce"] is not None:
+        raise UnsupportedOp("class weights or legacy reduction arguments")
+    ndim = meta(logits).dim()
+    if ndim < 2 or placement.dim == 1:
+        raise UnsupportedOp("the sequence is the class dimension")
+    target_dim = 0 if placement.dim == 0 else placement.dim - 1
+    target_dims = [d for d in sp.seq_dims(target) if d.dim == target_dim]
+    if not target_dims or target_dims[0].length != placement.length:
+        raise UnsupportedOp("the labels are not aligned with the logits")
+    ignore_index = args["ignore_index"]
+    target_placement = Shard(target_dim, placement.inner, placement.length)
+    local_target = sp.shard(target, target_placement, pad_value=ignore_index)
+    smoothing = args.get("label_smoothing", 0.0)
+    reduction = args["reduction"]
+    if reduction == "mean":
+        out = sp.call(
+            mean_loss, name, sp.env[logits], local_target, ignore_index, smoothing, sp.name
+        )
+        sp.env[node] = out
+        sp.placements[node] = Replicate(loss_grad=True)
+    else:
+        kwargs = {"ignore_index": ignore_index, "reduction": reduction}
+        if name == "cross_entropy":
+            kwargs["label_smoothing"] = smoothing
+        out = sp.call(fn, sp.env[logits], local_target, **kwargs)
+        sp.env[node] = out
+        sp.placements[node] = Partial() if reduction == "sum" else target_placement
+    sp.plan.loss.append(f"{node.name}: {name} (reduction={reduction}) over sharded tokens")

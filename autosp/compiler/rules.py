@@ -1,0 +1,549 @@
+"""Per-op sharding rules.
+
+Each rule receives the pass and one node of the single-process graph, emits the node's
+rank-local computation and records its placement; raising ``UnsupportedOp`` makes the pass
+gather the inputs instead (``ShardingPass.gather_fallback``). Ops whose inputs are all
+replicated are copied unchanged, except that an op computing with a parameter on a whole
+token tensor first slices that tensor: this is where the token path is sharded.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+from torch.utils import _pytree as pytree
+
+from autosp.compiler import runtime
+from autosp.compiler.ops_table import (
+    FACTORY,
+    LAYOUT,
+    POINTWISE,
+    REDUCE_DIM,
+    SHAPE_ARG_OPS,
+    SIZE_OPS,
+    op_name,
+)
+from autosp.compiler.placement import REPLICATE, Partial, Replicate, Shard, normalize_dim
+from autosp.compiler.propagate import ShardingPass, UnsupportedOp, is_param, meta
+from autosp.compiler.seqdims import SeqDim, hint
+
+Rule = Callable[[ShardingPass, Node], None]
+RULES: dict[str, Rule] = {}
+
+
+def rule(*names: str) -> Callable[[Rule], Rule]:
+    def register(fn: Rule) -> Rule:
+        for name in names:
+            RULES[name] = fn
+        return fn
+
+    return register
+
+
+def tensor_args(node: Node) -> list[Node]:
+    flat = pytree.tree_leaves((node.args, node.kwargs))
+    return [a for a in flat if isinstance(a, Node) and isinstance(meta(a), torch.Tensor)]
+
+
+def apply_rule(sp: ShardingPass, node: Node) -> None:
+    """Emit ``node`` on this rank: by its rule, a plain copy, or gathered inputs."""
+    name = op_name(node)
+    inputs = tensor_args(node)
+    distributed = [a for a in inputs if not isinstance(sp.placement(a), Replicate)]
+    if not distributed and name != "scaled_dot_product_attention":
+        start = _token_input_to_shard(sp, node, inputs)
+        if start is None:
+            sp.emit(node, *sp.local((node.args, node.kwargs)), _replicated_placement(sp, node))
+            return
+        # Shard the token tensor for this op only; other users keep the whole value.
+        (dim,) = [d for d in sp.seq_dims(start) if not d.merged and d.length == 0]
+        saved = sp.env[start], sp.placements[start]
+        sp.env[start] = sp.shard(start, Shard(dim.dim))
+        sp.placements[start] = Shard(dim.dim)
+        try:
+            _dispatch(sp, node, name)
+        finally:
+            sp.env[start], sp.placements[start] = saved
+        return
+    _dispatch(sp, node, name)
+
+
+def _dispatch(sp: ShardingPass, node: Node, name: str) -> None:
+    if name in SIZE_OPS:
+        _size(sp, node)
+        return
+    handler = RULES.get(name)
+    if handler is None and name in POINTWISE:
+        handler = pointwise
+    if handler is None and name in LAYOUT:
+        handler = layout
+    if handler is None and name in REDUCE_DIM:
+        handler = reduce_dim
+    if handler is None and name in FACTORY:
+        handler = factory
+    if handler is None:
+        sp.gather_fallback(node, "no rule for this op")
+        return
+    try:
+        handler(sp, node)
+    except UnsupportedOp as err:
+        sp.gather_fallback(node, str(err))
+
+
+def _replicated_placement(sp: ShardingPass, node: Node) -> Any:
+    """Replicated, keeping the loss mark through scalar arithmetic on the loss."""
+    inputs = tensor_args(node)
+    marked = [a for a in inputs if sp.placement(a) == Replicate(loss_grad=True)]
+    if marked and all(
+        sp.placement(a) == Replicate(loss_grad=True) or not meta(a).requires_grad
+        for a in inputs
+    ):
+        return Replicate(loss_grad=True)
+    return REPLICATE
+
+
+def _token_input_to_shard(sp: ShardingPass, node: Node, inputs: list[Node]) -> Node | None:
+    """The whole token tensor that ``node`` computes on with a parameter, if any."""
+    if not any(is_param(a) for a in inputs):
+        return None
+    for arg in inputs:
+        if is_param(arg):
+            continue
+        dims = [d for d in sp.seq_dims(arg) if not d.merged and d.length == 0]
+        if len(dims) == 1:
+            return arg
+    return None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _shard_of(sp: ShardingPass, node: Node, out_dim: SeqDim, like: Shard) -> Shard:
+    return Shard(out_dim.dim, like.inner if out_dim.merged else 0, out_dim.length)
+
+
+def _single_shard(sp: ShardingPass, node: Node) -> tuple[Node, Shard]:
+    """The one sharded input of ``node`` (others must be replicated)."""
+    sharded = [a for a in tensor_args(node) if isinstance(sp.placement(a), Shard)]
+    partial = [a for a in tensor_args(node) if isinstance(sp.placement(a), Partial)]
+    if len(sharded) != 1 or partial:
+        raise UnsupportedOp("expected exactly one sequence-sharded input")
+    return sharded[0], sp.placement(sharded[0])
+
+
+def _output_seq_dim(sp: ShardingPass, node: Node, placement: Shard) -> SeqDim:
+    """The output dimension that carries ``placement``'s rows, read off the output shape."""
+    dims = [d for d in sp.seq_dims(node) if d.merged == placement.merged]
+    if placement.merged:
+        candidates = dims
+    else:
+        candidates = [d for d in dims if d.length == placement.length]
+    if len(candidates) != 1:
+        raise UnsupportedOp("cannot tell which output dimension holds the sequence")
+    return candidates[0]
+
+
+def _emit_local(sp: ShardingPass, node: Node, placement: Any) -> None:
+    sp.emit(node, *sp.local((node.args, node.kwargs)), placement)
+
+
+# --------------------------------------------------------------------------- pointwise
+
+
+def pointwise(sp: ShardingPass, node: Node) -> None:
+    """Elementwise ops: align every input's sequence dim through broadcasting."""
+    out = meta(node)
+    if not isinstance(out, torch.Tensor):
+        raise UnsupportedOp("non-tensor output")
+    inputs = tensor_args(node)
+    partial = [a for a in inputs if isinstance(sp.placement(a), Partial)]
+    if partial:
+        _pointwise_partial(sp, node, partial)
+        return
+    out_nd = out.dim()
+    target: Shard | None = None
+    for arg in inputs:
+        placement = sp.placement(arg)
+        if isinstance(placement, Shard):
+            aligned = Shard(
+                placement.dim + out_nd - meta(arg).dim(), placement.inner, placement.length
+            )
+            if target is not None and target != aligned:
+                raise UnsupportedOp("inputs are sharded along different dimensions")
+            target = aligned
+    assert target is not None
+
+    def convert(arg: Any) -> Any:
+        if not (isinstance(arg, Node) and isinstance(meta(arg), torch.Tensor)):
+            return sp.local(arg)
+        if isinstance(sp.placement(arg), Shard):
+            return sp.env[arg]
+        arg_meta = meta(arg)
+        dim = target.dim - (out_nd - arg_meta.dim())
+        if dim < 0 or hint(arg_meta.shape[dim]) == 1 and hint(out.shape[target.dim]) != 1:
+            return sp.env[arg]
+        dims = [d for d in sp.seq_dims(arg) if d.dim == dim]
+        if not dims:
+            raise UnsupportedOp("a replicated input is not sequence-shaped where it broadcasts")
+        return sp.shard(arg, Shard(dim, target.inner, dims[0].length))
+
+    args, kwargs = pytree.tree_map(convert, (node.args, node.kwargs))
+    sp.emit(node, args, kwargs, target)
+
+
+def _pointwise_partial(sp: ShardingPass, node: Node, partial: list[Node]) -> None:
+    """Linear scalar ops keep a partial sum partial (``loss_sum / n`` with replicated ``n``)."""
+    name = op_name(node)
+    others = [a for a in tensor_args(node) if a not in partial]
+    linear = name in ("mul", "div", "truediv", "neg", "to", "float", "clone", "contiguous")
+    if len(partial) == 1 and linear and all(isinstance(sp.placement(a), Replicate) for a in others):
+        if name in ("div", "truediv") and node.args[0] is not partial[0]:
+            raise UnsupportedOp("division by a partial sum")
+        _emit_local(sp, node, Partial())
+        return
+    args, kwargs = sp.replicate((node.args, node.kwargs))
+    sp.emit(node, args, kwargs, REPLICATE)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def _shape_arg(node: Node) -> tuple[list[Any], Callable[[list[Any]], tuple]]:
+    """The shape argument of view/reshape/expand, and how to rebuild the args from a new one."""
+    args = node.args
+    if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)):
+        return list(args[1]), lambda shape: (args[0], tuple(shape))
+    return list(args[1:]), lambda shape: (args[0], *shape)
+
+
+def _merge_inner(in_meta: torch.Tensor, out_meta: torch.Tensor, in_dim: int, out_dim: int) -> int:
+    """For a view that merges the sequence dim ``in_dim`` into ``out_dim``: the product of the
+    input dims merged after it (all static)."""
+    before = math.prod(hint(s) for s in out_meta.shape[:out_dim])
+    start, acc = 0, 1
+    while acc < before and start < in_meta.dim():
+        acc *= hint(in_meta.shape[start])
+        start += 1
+    if acc != before:
+        raise UnsupportedOp("view does not merge whole dimensions")
+    target, acc, end = hint(out_meta.shape[out_dim]), 1, start
+    while acc < target and end < in_meta.dim():
+        acc *= hint(in_meta.shape[end])
+        end += 1
+    if acc != target or not start <= in_dim < end:
+        raise UnsupportedOp("view does not merge whole dimensions")
+    inner = in_meta.shape[in_dim + 1 : end]
+    if any(isinstance(s, torch.SymInt) for s in inner):
+        raise UnsupportedOp("the sequence is merged with a dynamic dimension")
+    return math.prod(int(s) for s in inner)
+
+
+def layout(sp: ShardingPass, node: Node) -> None:
+    """View-like ops: the sequence rows move to the output dim whose size is the sequence."""
+    source, placement = _single_shard(sp, node)
+    if source is not node.args[0]:
+        raise UnsupportedOp("the sharded value is not the viewed tensor")
+    dims = [d for d in sp.seq_dims(node)]
+    if placement.merged:
+        plain = [d for d in dims if not d.merged]
+        merged = [d for d in dims if d.merged]
+        if len(plain) == 1 and not merged:
+            out_dim, target = plain[0], Shard(plain[0].dim, 0, plain[0].length)
+        elif len(merged) == 1 and not plain and op_name(node) not in SHAPE_ARG_OPS:
+            out_dim, target = merged[0], Shard(merged[0].dim, placement.inner, placement.length)
+        else:
+            raise UnsupportedOp("a merged sequence dimension is reshaped")
+    else:
+        plain = [d for d in dims if not d.merged and d.length == placement.length]
+        merged = [d for d in dims if d.merged]
+        if len(plain) == 1 and not merged:
+            out_dim, target = plain[0], Shard(plain[0].dim, 0, placement.length)
+        elif len(merged) == 1 and not plain:
+            out_dim = merged[0]
+            inner = _merge_inner(meta(source), meta(node), placement.dim, out_dim.dim)
+            target = Shard(out_dim.dim, inner, placement.length)
+        else:
+            raise UnsupportedOp("cannot tell which output dimension holds the sequence")
+    name = op_name(node)
+    if name in SHAPE_ARG_OPS:
+        shape, rebuild = _shape_arg(node)
+        shape = _local_shape(sp, node, shape, out_dim.dim, expand=name == "expand")
+        sp.emit(node, sp.local(rebuild(shape)), sp.local(node.kwargs), target)
+    elif name == "unflatten":
+        dim, sizes = node.args[1], list(node.args[2])
+        base = normalize_dim(dim, meta(source).dim())
+        if not base <= out_dim.dim < base + len(sizes):
+            raise UnsupportedOp("unflatten of the sequence dimension")
+        sizes[out_dim.dim - base] = -1
+        sp.emit(node, sp.local((node.args[0], dim, tuple(sizes))), {}, target)
+    else:
+        _emit_local(sp, node, target)
+
+
+def _local_shape(
+    sp: ShardingPass, node: Node, shape: list[Any], seq_dim: int, expand: bool
+) -> list[Any]:
+    """Rewrite a full output shape for the local rows: the sequence entry becomes -1."""
+    out_meta = meta(node)
+    shape = list(shape)
+    offset = len(shape) - out_meta.dim()
+    for i, entry in enumerate(shape):
+        if i == seq_dim + offset:
+            shape[i] = -1
+        elif not expand and isinstance(entry, int) and entry == -1:
+            size = out_meta.shape[i - offset]
+            if isinstance(size, torch.SymInt):
+                raise UnsupportedOp("a dynamic -1 beside the sequence in a view")
+            shape[i] = int(size)
+    return shape
+
+
+def _size(sp: ShardingPass, node: Node) -> None:
+    """``x.size()`` / ``x.size(d)``: full sizes, whatever the placement of ``x``."""
+    source = node.args[0]
+    placement = sp.placement(source)
+    if not isinstance(placement, Shard):
+        sp.emit(node, *sp.replicate((node.args, node.kwargs)), REPLICATE)
+        return
+    ndim = meta(source).dim()
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    local = sp.env[source]
+
+    def size_of(d: int) -> Any:
+        if d == placement.dim:
+            return sp.call(
+                runtime.full_size,
+                local,
+                d,
+                sp.seq_len,
+                sp.group.world,
+                placement.inner,
+                placement.length,
+            )
+        return sp.graph.call_method("size", (local, d))
+
+    if op_name(node) == "dim":
+        _emit_local(sp, node, REPLICATE)
+    elif dim is not None:
+        sp.env[node] = size_of(normalize_dim(dim, ndim))
+        sp.placements[node] = REPLICATE
+    elif op_name(node) == "size":
+        sp.env[node] = sp.call(torch.Size, [size_of(d) for d in range(ndim)])
+        sp.placements[node] = REPLICATE
+    else:
+        sp.gather_fallback(node, "numel of a sharded value")
+
+
+# --------------------------------------------------------------------------- by dim
+
+
+def _dim_arg(node: Node, position: int, default: Any = None) -> Any:
+    if "dim" in node.kwargs:
+        return node.kwargs["dim"]
+    args = node.args[1:] if node.op == "call_method" else node.args[1:]
+    return args[position - 1] if len(args) >= position else default
+
+
+def reduce_dim(sp: ShardingPass, node: Node) -> None:
+    """Reductions and normalisations along ``dim``: fine unless ``dim`` is the sequence."""
+    source, placement = _single_shard(sp, node)
+    dim = _dim_arg(node, 1)
+    ndim = meta(source).dim()
+    if dim is None:
+        raise UnsupportedOp("reduction over all dimensions, the sequence included")
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    if placement.dim in {normalize_dim(d, ndim) for d in dims}:
+        raise UnsupportedOp("reduction along the sequence dimension")
+    out_dim = _output_seq_dim(sp, node, placement)
+    _emit_local(sp, node, _shard_of(sp, node, out_dim, placement))
+
+
+@rule("layer_norm", "rms_norm", "group_norm")
+def norm(sp: ShardingPass, node: Node) -> None:
+    source, placement = _single_shard(sp, node)
+    if source is not node.args[0]:
+        raise UnsupportedOp("sharded weight")
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    count = len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
+    if op_name(node) == "group_norm" or placement.dim >= meta(source).dim() - count:
+        raise UnsupportedOp("normalisation over the sequence dimension")
+    _emit_local(sp, node, placement)
+
+
+@rule("linear", "embedding")
+def rowwise_first_arg(sp: ShardingPass, node: Node) -> None:
+    """``linear(x, W)``, ``embedding(ids, W)``: rows of the first argument stay rows."""
+    source, placement = _single_shard(sp, node)
+    if source is not node.args[0]:
+        raise UnsupportedOp("a sharded weight")
+    if op_name(node) == "linear" and placement.dim == meta(source).dim() - 1 and not placement.merged:
+        raise UnsupportedOp("the sequence is the contracted dimension")
+    _emit_local(sp, node, placement)
+
+
+@rule("matmul", "mm", "bmm", "addmm", "baddbmm")
+def matmul(sp: ShardingPass, node: Node) -> None:
+    """Products whose sequence rows belong to the left operand only."""
+    source, placement = _single_shard(sp, node)
+    first = 1 if op_name(node) in ("addmm", "baddbmm") else 0
+    left = node.args[first]
+    if source is not left:
+        raise UnsupportedOp("the sequence is in the right operand (attention scores?)")
+    right = node.args[first + 1]
+    if sp.seq_dims(right):
+        raise UnsupportedOp("both operands carry the sequence")
+    if placement.dim == meta(left).dim() - 1:
+        raise UnsupportedOp("the sequence is the contracted dimension")
+    out_dim = _output_seq_dim(sp, node, placement)
+    if first:
+        bias = node.args[0]
+        if sp.seq_dims(bias):
+            raise UnsupportedOp("a sequence-shaped bias")
+    _emit_local(sp, node, _shard_of(sp, node, out_dim, placement))
+
+
+@rule("getitem")
+def getitem(sp: ShardingPass, node: Node) -> None:
+    """Indexing: tuples pick a placement; tensors keep the rows if the sequence is untouched
+    or only cut at its end (``x[:, :-1]``)."""
+    container, index = node.args
+    placement = sp.placement(container)
+    if isinstance(placement, tuple):
+        sp.emit(node, (sp.env[container], index), {}, placement[index])
+        return
+    if not isinstance(meta(container), torch.Tensor):
+        _emit_local(sp, node, REPLICATE)
+        return
+    source, placement = _single_shard(sp, node)
+    if source is not container:
+        raise UnsupportedOp("indexing with a sharded index")
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(isinstance(i, Node) and isinstance(meta(i), torch.Tensor) for i in items):
+        raise UnsupportedOp("advanced indexing")
+    consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+    ndim = meta(source).dim()
+    expanded: list[Any] = []
+    for item in items:
+        if item is Ellipsis:
+            expanded.extend([slice(None)] * (ndim - consumed))
+        else:
+            expanded.append(item)
+    in_dim = 0
+    for position, item in enumerate(expanded):
+        if item is None:
+            continue
+        if in_dim == placement.dim:
+            if not isinstance(item, slice) or item.step not in (None, 1):
+                raise UnsupportedOp("indexing into the sequence dimension")
+            if item.start not in (None, 0):
+                raise UnsupportedOp("a slice that drops leading tokens")
+            expanded[position] = slice(None)
+            break
+        in_dim += 1
+    out_dim = _output_seq_dim_any_length(sp, node, placement)
+    if out_dim.length > placement.length:
+        raise UnsupportedOp("unexpected output length")
+    target = Shard(out_dim.dim, placement.inner, out_dim.length)
+    sp.emit(node, (sp.env[source], tuple(sp.local(expanded))), {}, target)
+
+
+def _output_seq_dim_any_length(sp: ShardingPass, node: Node, placement: Shard) -> SeqDim:
+    dims = [d for d in sp.seq_dims(node) if d.merged == placement.merged]
+    if len(dims) != 1:
+        raise UnsupportedOp("cannot tell which output dimension holds the sequence")
+    return dims[0]
+
+
+@rule("cat", "concat", "concatenate", "stack")
+def cat(sp: ShardingPass, node: Node) -> None:
+    """Concatenation along another dimension than the sequence."""
+    tensors = [t for t in node.args[0] if not (meta(t).dim() == 1 and hint(meta(t).shape[0]) == 0)]
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    sharded = [t for t in tensors if isinstance(sp.placement(t), Shard)]
+    if not sharded or any(isinstance(sp.placement(t), Partial) for t in tensors):
+        raise UnsupportedOp("partial inputs")
+    placement = sp.placement(sharded[0])
+    ndim = meta(sharded[0]).dim()
+    stack = op_name(node) == "stack"
+    dim = normalize_dim(dim, ndim + 1 if stack else ndim)
+    if not stack and dim == placement.dim:
+        raise UnsupportedOp("concatenation along the sequence")
+    local = []
+    for t in tensors:
+        if sp.placement(t) == placement:
+            local.append(sp.env[t])
+        elif isinstance(sp.placement(t), Replicate):
+            local.append(sp.shard(t, placement))
+        else:
+            raise UnsupportedOp("inputs sharded differently")
+    out_dim = placement.dim + (1 if stack and dim <= placement.dim else 0)
+    target = Shard(out_dim, placement.inner, placement.length)
+    if len(local) == 1 and not stack:
+        sp.env[node] = local[0]
+        sp.placements[node] = target
+        return
+    sp.emit(node, (local, dim), {}, target)
+
+
+@rule("split", "chunk", "unbind", "tensor_split")
+def split(sp: ShardingPass, node: Node) -> None:
+    source, placement = _single_shard(sp, node)
+    name = op_name(node)
+    default = 0
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else default)
+    if name == "unbind":
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    ndim = meta(source).dim()
+    dim = normalize_dim(dim, ndim)
+    if dim == placement.dim:
+        raise UnsupportedOp("splitting the sequence")
+    out_dim = placement.dim - (1 if name == "unbind" and dim < placement.dim else 0)
+    count = len(meta(node))
+    item = Shard(out_dim, placement.inner, placement.length)
+    _emit_local(sp, node, tuple([item] * count))
+
+
+@rule("pad")
+def pad(sp: ShardingPass, node: Node) -> None:
+    source, placement = _single_shard(sp, node)
+    widths = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
+    ndim = meta(source).dim()
+    if placement.dim >= ndim - len(widths) // 2:
+        raise UnsupportedOp("padding the sequence dimension")
+    _emit_local(sp, node, placement)
+
+
+def factory(sp: ShardingPass, node: Node) -> None:
+    """``zeros_like(x)`` follows ``x``; other factories ignore their input's values."""
+    if op_name(node).endswith("_like"):
+        pointwise(sp, node)
+        return
+    _emit_local(sp, node, REPLICATE)
+
+
+@rule("scaled_dot_product_attention")
+def attention(sp: ShardingPass, node: Node) -> None:
+    from autosp.compiler.attention import shard_attention
+
+    shard_attention(sp, node)
+
+
+@rule("cross_entropy", "nll_loss")
+def loss(sp: ShardingPass, node: Node) -> None:
+    from autosp.compiler.loss import shard_loss
+
+    shard_loss(sp, node)
+
+
+def bind(fn: Callable[..., Any], node: Node) -> inspect.BoundArguments:
+    """Bind a node's arguments to ``fn``'s signature, defaults applied."""
+    bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return bound
+

@@ -1,0 +1,86 @@
+"""Functions that the rewritten graph calls: converting between placements.
+
+They are plain torch code (traced by the inner compiler) around the collectives of
+``autosp.comm``. ``seq_len`` is always the full token length ``S``; a value's own logical
+length is ``S + length`` (see Note [Placements and padding]).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from autosp.comm import ops
+
+
+def block_len(seq_len: int, world: int) -> int:
+    """Tokens per rank: ``L = ceil(S / P)``."""
+    return (seq_len + world - 1) // world
+
+
+def pad_dim(x: torch.Tensor, dim: int, size: int, value: float | bool = 0) -> torch.Tensor:
+    """Pad ``x`` along ``dim`` at the end up to ``size`` with ``value``."""
+    extra = size - x.shape[dim]
+    fill_shape = list(x.shape)
+    fill_shape[dim] = extra
+    return torch.cat([x, x.new_full(fill_shape, value)], dim=dim)
+
+
+def shard(
+    x: torch.Tensor,
+    dim: int,
+    seq_len: int,
+    rank: int,
+    world: int,
+    inner: int = 0,
+    length: int = 0,
+    pad_value: float | bool = 0,
+) -> torch.Tensor:
+    """Replicated full tensor -> this rank's block of rows along ``dim`` (no communication).
+
+    A merged dimension (``inner`` > 0) is viewed as ``(outer, seq_len + length, inner)``.
+    Rows past the logical length are filled with ``pad_value``.
+    """
+    block = block_len(seq_len, world)
+    if inner:
+        rows = x.unflatten(dim, (-1, seq_len + length, inner))
+        return shard(rows, dim + 1, seq_len, rank, world, 0, length, pad_value).flatten(dim, dim + 2)
+    padded = pad_dim(x, dim, block * world, pad_value)
+    return padded.narrow(dim, rank * block, block)
+
+
+def gather(
+    x: torch.Tensor,
+    dim: int,
+    seq_len: int,
+    world: int,
+    group: str,
+    inner: int = 0,
+    length: int = 0,
+) -> torch.Tensor:
+    """This rank's block -> the full tensor of logical length ``seq_len + length``."""
+    block = block_len(seq_len, world)
+    if inner:
+        rows = x.unflatten(dim, (-1, block, inner))
+        full = gather(rows, dim + 1, seq_len, world, group, 0, length)
+        return full.flatten(dim, dim + 2)
+    full = ops.all_gather(x, dim, group)
+    return full.narrow(dim, 0, seq_len + length)
+
+
+def full_size(x: torch.Tensor, dim: int, seq_len: int, world: int, inner: int, length: int) -> int:
+    """The single-process size of dimension ``dim`` of a sharded value."""
+    if not inner:
+        return seq_len + length
+    outer = x.shape[dim] // (block_len(seq_len, world) * inner)
+    return outer * (seq_len + length) * inner
+
+
+def valid_rows(seq_len: int, length: int, rank: int, world: int) -> int:
+    """How many of this rank's rows lie inside the logical length (the rest is padding)."""
+    block = block_len(seq_len, world)
+    return max(0, min(block, seq_len + length - rank * block))
+
+
+def reduce_partial(x: torch.Tensor, group: str) -> torch.Tensor:
+    """Partial -> replicated."""
+    return ops.all_reduce(x, group)

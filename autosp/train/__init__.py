@@ -1,0 +1,1 @@
+"""The ``autosp train`` job: a small Llama trained with sequence parallelism."""

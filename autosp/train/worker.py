@@ -1,0 +1,141 @@
+"""One rank of the ``autosp train`` job: the training loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+from transformers import AutoModelForCausalLM
+
+import autosp
+from autosp.train import data, presets, report
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (the ``autosp train`` flags)."""
+
+    sp: int | None
+    seq_len: int
+    steps: int
+    batch_size: int
+    lr: float
+    model: str
+    device: str  # "cpu" or "cuda" once the launcher has resolved "auto"
+    backend: str
+    seed: int
+    out: str
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak CUDA memory allocated since the last reset, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def gather_floats(value: float, device: torch.device) -> list[float]:
+    """``value`` from every rank, in rank order."""
+    local = torch.tensor([value], dtype=torch.float64, device=device)
+    values = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(values, local)
+    return [v.item() for v in values]
+
+
+def run_worker(cfg: TrainConfig) -> None:
+    """Join the process group from the torchrun-style environment and train."""
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    if cfg.device == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    try:
+        train(cfg, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig, device: torch.device) -> None:
+    """Train ``cfg.model`` sequence-parallel over the default process group."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    config = presets.model_config(cfg.model)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "model %s: %.2fM parameters; %d ranks on %s; seq_len %d; backend %s",
+        cfg.model,
+        n_params / 1e6,
+        world,
+        device.type,
+        cfg.seq_len,
+        cfg.backend,
+    )
+    model = autosp.parallelize(model, backend=cfg.backend)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    batches = data.batches(cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+    tokens = cfg.batch_size * cfg.seq_len
+
+    logger.info("step 1 includes compilation")
+    history: list[report.StepStats] = []
+    with logging_redirect_tqdm():
+        bar = tqdm(range(1, cfg.steps + 1), desc="train", unit="step", disable=rank != 0)
+        for step in bar:
+            ids = next(batches).to(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = loss.item()  # waits for the device
+            elapsed = time.perf_counter() - start
+            stats = report.StepStats(
+                step=step,
+                loss=loss_value,
+                time_s=elapsed,
+                tokens_per_s=tokens / elapsed,
+                peak_mem_mib=gather_floats(peak_memory_mib(device), device),
+            )
+            history.append(stats)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{stats.tokens_per_s:.0f}")
+            logger.info(
+                "step %d/%d loss %.4f %.2fs %.0f tokens/s peak MiB %s",
+                step,
+                cfg.steps,
+                loss_value,
+                elapsed,
+                stats.tokens_per_s,
+                json.dumps([round(m) for m in stats.peak_mem_mib]),
+            )
+
+    if rank == 0:
+        info = {
+            "config": asdict(cfg),
+            "world_size": world,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "model": {"num_parameters": n_params, "config": config.to_dict()},
+        }
+        report.write_report(Path(cfg.out), info, history)
