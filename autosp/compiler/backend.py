@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.fx import GraphModule, Node
 
 from autosp.compiler import runtime
+from autosp.compiler.masks import MaskPlan, recognise_masks
 from autosp.compiler.ops_table import op_name
 from autosp.compiler.propagate import GroupInfo, Plan, ShardingPass, meta
 from autosp.errors import AutoSPError, InputMismatchError
@@ -75,21 +76,27 @@ def check_attention(gm: GraphModule) -> None:
         )
 
 
+Compile = Callable[[MaskPlan], tuple[Callable[..., Any], Plan]]
+
+
 class Runner:
-    """Runs the compiled rank-local graph: checks inputs once, trims padding off outputs."""
+    """Runs the compiled rank-local graph: checks inputs, picks the graph whose mask
+    assumptions hold (Note [Mask probing]) and trims padding off sharded outputs."""
 
     def __init__(
         self,
-        compiled: Callable[..., Any],
-        plan: Plan,
+        compile_graph: Compile,
+        masks: MaskPlan,
         gm: GraphModule,
         group: dist.ProcessGroup,
         seq_source: tuple[str, int],
         check_inputs: bool,
     ) -> None:
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
-        self.compiled = compiled
-        self.plan = plan
+        self.compile_graph = compile_graph
+        self.masks = masks
+        self.primary = compile_graph(masks)
+        self.dense: tuple[Callable[..., Any], Plan] | None = None
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
@@ -100,15 +107,28 @@ class Runner:
         }
         self.check_inputs = check_inputs
 
+    def _select(self, args: Sequence[Any]) -> tuple[Callable[..., Any], Plan]:
+        if all(guard.holds(args[guard.index]) for guard in self.masks.guards):
+            return self.primary
+        if self.dense is None:
+            names = ", ".join(self.inputs[g.index] for g in self.masks.guards)
+            logger.warning(
+                "autosp: inputs %s are not plain positions/all-ones, so the attention mask is "
+                "not causal; compiling a graph that keeps the model's mask", names
+            )
+            self.dense = self.compile_graph(MaskPlan({}, ()))
+        return self.dense
+
     def __call__(self, *args: Any) -> Any:
         if self.check_inputs:
             self._check_same_inputs(args)
             self.check_inputs = False
-        outputs = list(self.compiled(*args))
+        compiled, plan = self._select(args)
+        outputs = list(compiled(*args))
         seq_len = args[self.seq_index].shape[self.seq_dim]
         from autosp.api import register_shard
 
-        for out in self.plan.sharded_outputs:
+        for out in plan.sharded_outputs:
             rows = runtime.valid_rows(seq_len, out.length, self.rank, self.world)
             trimmed = outputs[out.index].narrow(out.dim, 0, rows)
             register_shard(trimmed, out.dim, seq_len + out.length, self.group)
@@ -152,11 +172,18 @@ class AutoSPBackend:
     def __call__(self, gm: GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         check_attention(gm)
         syms, source = find_sequence(gm, self.state.seq_len)
-        group = GroupInfo(dist.get_rank(self.group), dist.get_world_size(self.group), self.group.group_name)
-        local_gm, plan = ShardingPass(gm, group, syms, source).run()
-        logger.debug("autosp rank-local graph:\n%s", local_gm.code)
-        for line in plan.attention + plan.loss:
-            logger.info("autosp: %s", line)
-        self.state.plans.append(plan)
-        compiled = torch._dynamo.lookup_backend(self.inner)(local_gm, example_inputs)
-        return Runner(compiled, plan, gm, self.group, source, self.check_inputs)
+        group = GroupInfo(
+            dist.get_rank(self.group), dist.get_world_size(self.group), self.group.group_name
+        )
+        inner = torch._dynamo.lookup_backend(self.inner)
+
+        def compile_graph(masks: MaskPlan) -> tuple[Callable[..., Any], Plan]:
+            local_gm, plan = ShardingPass(gm, group, syms, source, masks.masks).run()
+            logger.debug("autosp rank-local graph:\n%s", local_gm.code)
+            for line in plan.attention + plan.loss:
+                logger.info("autosp: %s", line)
+            self.state.plans.append(plan)
+            return inner(local_gm, list(example_inputs)), plan
+
+        masks = recognise_masks(gm, example_inputs, syms)
+        return Runner(compile_graph, masks, gm, self.group, source, self.check_inputs)

@@ -92,8 +92,10 @@ class ShardingPass:
         group: GroupInfo,
         seq_syms: frozenset[sympy.Symbol],
         seq_source: tuple[str, int],
+        mask_overrides: dict[str, str] | None = None,
     ) -> None:
         self.gm = gm
+        self.mask_overrides = mask_overrides or {}
         self.group = group
         self.syms = seq_syms
         self.seq_source = seq_source

@@ -50,7 +50,10 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
         )
     seq_dim = q_meta.dim() - 2
     q, k, v = (sp.shard(t, Shard(seq_dim)) for t in (query, key, value))
-    mask = args["attn_mask"]
+    mask, is_causal = args["attn_mask"], args["is_causal"]
+    recognised = sp.mask_overrides.get(node.name)
+    if recognised is not None:
+        mask, is_causal = None, recognised == "causal"
     if mask is not None and not isinstance(sp.placement(mask), Replicate):
         mask = sp.replicate(mask)
     elif mask is not None:
@@ -62,7 +65,7 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
         v,
         mask,
         args["dropout_p"],
-        args["is_causal"],
+        is_causal,
         args["scale"],
         args["enable_gqa"],
         seq_len=sp.seq_len,
@@ -72,4 +75,9 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
     )
     sp.env[node] = out
     sp.placements[node] = Shard(seq_dim)
-    sp.plan.attention.append(f"{node.name}: ulysses ({heads} heads, {kv_heads} kv heads)")
+    mask_kind = "causal" if is_causal else ("dense mask" if mask is not None else "no mask")
+    if recognised is not None:
+        mask_kind += " (recognised from the mask's graph)"
+    sp.plan.attention.append(
+        f"{node.name}: ulysses, {heads} heads, {kv_heads} kv heads, {mask_kind}"
+    )
