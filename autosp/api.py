@@ -21,6 +21,14 @@ logger = logging.getLogger(__name__)
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 
+LOGGER_METHODS = ("debug", "info", "warning", "warn", "error", "warning_once", "info_once")
+"""Logging calls that Dynamo skips instead of breaking the graph (models warn mid-forward;
+transformers adds ``warning_once`` to ``logging.Logger`` when it is imported)."""
+
+
+def _logger_methods() -> set[Any]:
+    return {getattr(logging.Logger, n) for n in LOGGER_METHODS if hasattr(logging.Logger, n)}
+
 
 @dataclass(kw_only=True, slots=True)
 class Config:
@@ -86,7 +94,8 @@ class SequenceParallel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._state.seq_len = mark_sequence(args, kwargs)
         try:
-            out = self._compiled(*args, **kwargs)
+            with torch._dynamo.config.patch(ignore_logger_methods=_logger_methods()):
+                out = self._compiled(*args, **kwargs)
         except torch._dynamo.exc.Unsupported as err:
             raise AutoSPError(
                 "autosp: the model's forward could not be captured as one graph "

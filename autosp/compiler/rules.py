@@ -46,9 +46,16 @@ def rule(*names: str) -> Callable[[Rule], Rule]:
     return register
 
 
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return any(isinstance(v, torch.Tensor) for v in value)
+    return isinstance(value, torch.Tensor)
+
+
 def tensor_args(node: Node) -> list[Node]:
+    """The arguments of ``node`` that are tensors (or tuples of tensors, as from ``split``)."""
     flat = pytree.tree_leaves((node.args, node.kwargs))
-    return [a for a in flat if isinstance(a, Node) and isinstance(meta(a), torch.Tensor)]
+    return [a for a in flat if isinstance(a, Node) and _holds_tensor(meta(a))]
 
 
 def apply_rule(sp: ShardingPass, node: Node) -> None:
@@ -217,9 +224,12 @@ def _pointwise_partial(sp: ShardingPass, node: Node, partial: list[Node]) -> Non
 def _shape_arg(node: Node) -> tuple[list[Any], Callable[[list[Any]], tuple]]:
     """The shape argument of view/reshape/expand, and how to rebuild the args from a new one."""
     args = node.args
-    if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)):
-        return list(args[1]), lambda shape: (args[0], tuple(shape))
-    return list(args[1:]), lambda shape: (args[0], *shape)
+    shape = args[1] if len(args) == 2 else None
+    if isinstance(shape, Node) and shape.target is torch.Size:
+        shape = shape.args[0]
+    if isinstance(shape, (tuple, list, torch.Size)):
+        return list(shape), lambda new: (args[0], tuple(new))
+    return list(args[1:]), lambda new: (args[0], *new)
 
 
 def _merge_inner(in_meta: torch.Tensor, out_meta: torch.Tensor, in_dim: int, out_dim: int) -> int:

@@ -1,0 +1,127 @@
+"""Tiny random-init models for the parity tests: Hugging Face families and a plain GPT."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VOCAB = 96
+
+
+def _hf(config_cls: str, model_cls: str, **kwargs: object) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import transformers
+
+        config = getattr(transformers, config_cls)(
+            vocab_size=VOCAB, attn_implementation="sdpa", use_cache=False, **kwargs
+        )
+        return getattr(transformers, model_cls)(config)
+
+    return build
+
+
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+
+HF_FAMILIES: dict[str, Callable[[], nn.Module]] = {
+    "llama": _hf(
+        "LlamaConfig", "LlamaForCausalLM", num_attention_heads=4, num_key_value_heads=2, **COMMON
+    ),
+    "qwen2": _hf(
+        "Qwen2Config", "Qwen2ForCausalLM", num_attention_heads=4, num_key_value_heads=2, **COMMON
+    ),
+    "mistral": _hf(
+        "MistralConfig",
+        "MistralForCausalLM",
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        sliding_window=None,
+        **COMMON,
+    ),
+    "gemma": _hf(
+        "GemmaConfig",
+        "GemmaForCausalLM",
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        **COMMON,
+    ),
+    "gpt2": _hf(
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=256,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
+}
+
+
+class PlainAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)
+        q, k, v = (t.view(b, s, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(out.transpose(1, 2).reshape(b, s, d))
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = PlainAttention(dim, heads)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class PlainGPT(nn.Module):
+    """A GPT written in plain PyTorch: learned positions, its own shifted loss."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 64, heads: int = 4, layers: int = 2) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(512, dim)
+        self.blocks = nn.ModuleList(PlainBlock(dim, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(dim))
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.tok(input_ids) + self.pos(positions)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.norm(x))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+            )
+        return out
+
+
+FAMILIES: dict[str, Callable[[], nn.Module]] = {**HF_FAMILIES, "plain_gpt": PlainGPT}
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return FAMILIES[name]()
