@@ -8,6 +8,7 @@ length is ``S + length`` (see Note [Placements and padding]).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from autosp.comm import ops
 
@@ -18,11 +19,14 @@ def block_len(seq_len: int, world: int) -> int:
 
 
 def pad_dim(x: torch.Tensor, dim: int, size: int, value: float | bool = 0) -> torch.Tensor:
-    """Pad ``x`` along ``dim`` at the end up to ``size`` with ``value``."""
-    extra = size - x.shape[dim]
-    fill_shape = list(x.shape)
-    fill_shape[dim] = extra
-    return torch.cat([x, x.new_full(fill_shape, value)], dim=dim)
+    """Pad ``x`` along ``dim`` at the end up to ``size`` with ``value``.
+
+    ``F.pad`` with a symbolic width, so a width of 0 (length divisible by P) does not
+    specialise the compiled graph.
+    """
+    dim = dim % x.dim()
+    widths = [0, 0] * (x.dim() - 1 - dim) + [0, size - x.shape[dim]]
+    return F.pad(x, widths, value=value)
 
 
 def shard(

@@ -10,6 +10,7 @@ import socket
 import torch
 import torch.multiprocessing as mp
 
+from autosp.train.presets import model_config
 from autosp.train.worker import TrainConfig, run_worker
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ def launch(cfg: TrainConfig) -> None:
         run_worker(dataclasses.replace(cfg, sp=world, device=device))
         return
 
+    model_config(cfg.model)  # a bad --model fails here, not once per rank
     world = cfg.sp or DEFAULT_SP
     if device == "cuda" and world > torch.cuda.device_count():
         raise SystemExit(f"--sp {world} needs {world} GPUs, found {torch.cuda.device_count()}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
@@ -128,7 +127,7 @@ def train(cfg: TrainConfig, device: torch.device) -> None:
                 loss_value,
                 elapsed,
                 stats.tokens_per_s,
-                json.dumps([round(m) for m in stats.peak_mem_mib]),
+                [round(m) for m in stats.peak_mem_mib],
             )
 
     if rank == 0:
