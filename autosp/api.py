@@ -96,6 +96,10 @@ class SequenceParallel(nn.Module):
         try:
             with torch._dynamo.config.patch(ignore_logger_methods=_logger_methods()):
                 out = self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as err:
+            if isinstance(err.inner_exception, AutoSPError):
+                raise err.inner_exception.with_traceback(None) from None
+            raise
         except torch._dynamo.exc.Unsupported as err:
             raise AutoSPError(
                 "autosp: the model's forward could not be captured as one graph "

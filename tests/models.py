@@ -125,3 +125,23 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {**HF_FAMILIES, "plain_gpt": Plai
 def build(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return FAMILIES[name]()
+
+
+class NoAttentionLM(nn.Module):
+    """Embeddings and an MLP: nothing to parallelise along the sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, 32)
+        self.head = nn.Linear(32, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        logits = self.head(torch.tanh(self.tok(input_ids)))
+        return {"logits": logits, "loss": F.cross_entropy(logits.flatten(0, 1), labels.flatten())}
+
+
+class NoLossGPT(PlainGPT):
+    """Accepts labels but never computes a loss."""
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        return {"logits": super().forward(input_ids)["logits"]}

@@ -10,6 +10,7 @@ inputs and trims sharded outputs.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,17 @@ def is_user_input(node: Node) -> bool:
         return False
     name = grapharg.source.name
     return not any(part in name for part in ("_parameters", "_buffers", "_modules"))
+
+
+def input_name(node: Node) -> str:
+    """The caller's name for an input placeholder: ``input_ids`` for ``L['kwargs']['input_ids']``,
+    ``argument 1`` for ``L['args'][1]``."""
+    source = node.meta["grapharg"].source.name
+    found = re.findall(r"\['([^']+)'\]|\[(\d+)\]", source)
+    if not found:
+        return source
+    key, index = found[-1]
+    return key or f"argument {index}"
 
 
 def find_sequence(gm: GraphModule, seq_len: int) -> tuple[frozenset[sympy.Symbol], tuple[str, int]]:
@@ -102,9 +114,7 @@ class Runner:
         self.world = dist.get_world_size(group)
         self.seq_index = [p.name for p in placeholders].index(seq_source[0])
         self.seq_dim = seq_source[1]
-        self.inputs = {
-            i: p.meta["grapharg"].source.name for i, p in enumerate(placeholders) if is_user_input(p)
-        }
+        self.inputs = {i: input_name(p) for i, p in enumerate(placeholders) if is_user_input(p)}
         self.check_inputs = check_inputs
 
     def _select(self, args: Sequence[Any]) -> tuple[Callable[..., Any], Plan]:

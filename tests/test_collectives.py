@@ -1,0 +1,16 @@
+"""Exactly the Ulysses minimum: 4 all-to-alls per attention layer each way, one loss
+all-reduce, one gradient bucket; nothing else."""
+
+from __future__ import annotations
+
+from tests.multirank import run_ranks
+from tests.workers import count_step
+
+LAYERS = 2  # tests.models builds two-layer models
+
+
+def test_collective_counts_llama() -> None:
+    for counts in run_ranks(2, count_step, "llama"):
+        for step in counts:
+            assert step["forward"] == {"all_to_all": 4 * LAYERS, "all_reduce": 1}
+            assert step["backward"] == {"all_to_all": 4 * LAYERS, "grad_all_reduce": 1}

@@ -1,0 +1,21 @@
+"""Contract 5: several optimizer steps match the single-process run step by step."""
+
+from __future__ import annotations
+
+from tests.multirank import run_ranks
+from tests.workers import train_steps
+
+LOSS_TOL = 1e-5
+PARAM_TOL = 1e-4  # AdamW divides by sqrt(v): tiny gradient differences grow a little per step
+
+
+def test_adamw_steps_match_single_process() -> None:
+    per_rank = run_ranks(2, train_steps, "llama", 5, 2, 14)
+    for history in per_rank:
+        assert len(history) == 5
+        for step, record in enumerate(history):
+            rel = abs(record["loss"] - record["ref"]) / abs(record["ref"])
+            assert rel <= LOSS_TOL, (step, record)
+            assert record["param_rel_err"] <= PARAM_TOL, (step, record)
+        assert history[-1]["loss"] < history[0]["loss"], "training did not reduce the loss"
+    assert [r["loss"] for r in per_rank[0]] == [r["loss"] for r in per_rank[1]]

@@ -1,0 +1,123 @@
+"""Functions that run on every rank of a spawned group (module level, so they pickle)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import autosp
+from tests.models import VOCAB, build
+
+
+def make_batch(batch: int, seq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and labels; -100 on a leading block so ranks hold different label counts."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=gen)
+    labels = ids.clone()
+    labels[0, : seq // 2 + 1] = -100
+    if batch > 1:
+        labels[1, -3:] = -100
+    return ids, labels
+
+
+def grad_errors(model: torch.nn.Module, ref: torch.nn.Module) -> dict[str, float]:
+    """||g - g_ref|| / ||g_ref|| per parameter."""
+    errors = {}
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        errors[name] = ((p.grad - q.grad).norm() / q.grad.norm()).item()
+    return errors
+
+
+def parity(family: str, cases: list[tuple[int, int]], backend: str = "aot_eager") -> list[dict]:
+    """Loss, logits and gradients of the parallel model against one process, per (batch, seq)."""
+    model = build(family)
+    ref = copy.deepcopy(model)
+    parallel = autosp.parallelize(model, backend=backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = []
+    for batch, seq in cases:
+        ids, labels = make_batch(batch, seq, seed=seq)
+        expected = ref(input_ids=ids, labels=labels)
+        expected["loss"].backward()
+        out = parallel(input_ids=ids, labels=labels)
+        out["loss"].backward()
+        local_logits = out["logits"]
+        full_logits = autosp.gather_sequence(local_logits)
+        block = -(-seq // world)
+        results.append(
+            {
+                "case": (batch, seq),
+                "loss": out["loss"].item(),
+                "loss_rel_err": abs(out["loss"].item() - expected["loss"].item())
+                / abs(expected["loss"].item()),
+                "logits_max_err": (full_logits - expected["logits"]).abs().max().item(),
+                "local_rows": local_logits.shape[1],
+                "expected_rows": max(0, min(block, seq - rank * block)),
+                "grad_rel_err": grad_errors(model, ref),
+                "compiles": len(parallel.plans),
+                "gathered_ops": sorted({op for p in parallel.plans for op in p.gathered_ops}),
+            }
+        )
+        model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+    return results
+
+
+def train_steps(family: str, steps: int, batch: int, seq: int) -> list[dict[str, Any]]:
+    """``steps`` AdamW steps of the parallel and the single-process model, side by side."""
+    model = build(family)
+    ref = copy.deepcopy(model)
+    parallel = autosp.parallelize(model, backend="aot_eager")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    history = []
+    for step in range(steps):
+        ids, labels = make_batch(batch, seq, seed=100)  # one batch: the loss must fall
+        loss = parallel(input_ids=ids, labels=labels)["loss"]
+        loss.backward()
+        expected = ref(input_ids=ids, labels=labels)["loss"]
+        expected.backward()
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        param_err = max(
+            ((p - q).norm() / q.norm()).item()
+            for p, q in zip(model.parameters(), ref.parameters(), strict=True)
+        )
+        history.append({"loss": loss.item(), "ref": expected.item(), "param_rel_err": param_err})
+    return history
+
+
+def call_with_rank_batch(seed_per_rank: bool) -> None:
+    """Call a parallel model with a batch that differs across ranks when asked to."""
+    model = autosp.parallelize(build("plain_gpt"), backend="aot_eager")
+    ids, labels = make_batch(1, 12, seed=dist.get_rank() if seed_per_rank else 0)
+    model(input_ids=ids, labels=labels)
+
+
+def call_model(factory: str, kwargs: dict[str, Any]) -> None:
+    """Build a model from ``tests.models`` by class name, parallelize it and call it once."""
+    import tests.models
+
+    model = getattr(tests.models, factory)(**kwargs)
+    parallel = autosp.parallelize(model, backend="aot_eager")
+    ids, labels = make_batch(1, 12, seed=0)
+    parallel(input_ids=ids, labels=labels)
+
+
+def count_step(family: str) -> list[dict[str, int]]:
+    """Collectives of two training steps (the first also checks the inputs)."""
+    parallel = autosp.parallelize(build(family), backend="aot_eager")
+    counts = []
+    for seed in (1, 2):
+        ids, labels = make_batch(1, 16, seed=seed)
+        with autosp.count_collectives() as forward:
+            loss = parallel(input_ids=ids, labels=labels)["loss"]
+        with autosp.count_collectives() as backward:
+            loss.backward()
+        counts.append({"forward": dict(forward), "backward": dict(backward)})
+    return counts
