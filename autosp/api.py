@@ -20,6 +20,7 @@ from autosp.errors import AutoSPError
 logger = logging.getLogger(__name__)
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+ATTENTION_STRATEGIES = ("auto", "ulysses", "ring")
 
 LOGGER_METHODS = ("debug", "info", "warning", "warn", "error", "warning_once", "info_once")
 """Logging calls that Dynamo skips instead of breaking the graph (models warn mid-forward;
@@ -36,6 +37,11 @@ class Config:
 
     backend: str = "inductor"
     """Compiler for the rewritten graph: ``"inductor"`` or ``"aot_eager"`` (fast to compile)."""
+    attention: str = "auto"
+    """Attention strategy: ``"ulysses"`` (all-to-all, needs query heads divisible by the
+    degree), ``"ring"`` (key/value blocks passed around the ring, any head count), or
+    ``"auto"``: Ulysses where the heads allow it, ring elsewhere. ``model.plans`` shows the
+    choice for each attention call."""
     sync_grads: bool = True
     """Sum parameter gradients over the group after each backward. Turn off only when a
     data-parallel wrapper over the same ranks already does it."""
@@ -48,6 +54,11 @@ class Config:
         if self.backend not in INNER_BACKENDS:
             raise ValueError(
                 f"autosp: backend {self.backend!r} is not one of {', '.join(INNER_BACKENDS)}"
+            )
+        if self.attention not in ATTENTION_STRATEGIES:
+            raise ValueError(
+                f"autosp: attention {self.attention!r} is not one of "
+                f"{', '.join(ATTENTION_STRATEGIES)}"
             )
         if self.bucket_mb <= 0:
             raise ValueError(f"autosp: bucket_mb must be positive, got {self.bucket_mb}")
@@ -82,7 +93,7 @@ class SequenceParallel(nn.Module):
         self.group = group
         self.config = config
         self._state = TraceState()
-        backend = AutoSPBackend(group, config.backend, config.check_inputs, self._state)
+        backend = AutoSPBackend(group, config, self._state)
         self._compiled = torch.compile(module, backend=backend, fullgraph=True)
         self._grad_sync = GradSync(module, group, config.bucket_mb) if config.sync_grads else None
 
@@ -149,7 +160,8 @@ def mark_sequence(args: tuple, kwargs: dict) -> int:
 
     seq_len = max((t.shape[d] for t in tensors for d in token_dims(t)), default=0)
     if seq_len < 2:
-        raise AutoSPError(f"autosp: the inputs have no sequence to split (shapes {[tuple(t.shape) for t in tensors]})")
+        shapes = [tuple(t.shape) for t in tensors]
+        raise AutoSPError(f"autosp: the inputs have no sequence to split (shapes {shapes})")
     for t in tensors:
         for d in token_dims(t):
             if t.shape[d] == seq_len:
@@ -223,9 +235,11 @@ class _GatherRows(torch.autograd.Function):
         rank = dist.get_rank(group)
         block = -(-length // world)
         ctx.dim, ctx.start, ctx.rows = dim, min(rank * block, length), t.shape[dim]
-        padded = torch.zeros_like(t.narrow(dim, 0, 1)).expand(
-            *[block if d == dim else s for d, s in enumerate(t.shape)]
-        ).contiguous()
+        padded = (
+            torch.zeros_like(t.narrow(dim, 0, 1))
+            .expand(*[block if d == dim else s for d, s in enumerate(t.shape)])
+            .contiguous()
+        )
         padded.narrow(dim, 0, t.shape[dim]).copy_(t)
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded, group=group)

@@ -66,25 +66,29 @@ HF_FAMILIES: dict[str, Callable[[], nn.Module]] = {
 
 
 class PlainAttention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, kv_heads: int | None = None) -> None:
         super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.heads, self.kv_heads = heads, kv_heads or heads
+        self.head_dim = dim // heads
+        self.qkv = nn.Linear(dim, (heads + 2 * self.kv_heads) * self.head_dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=-1)
-        q, k, v = (t.view(b, s, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        sizes = [self.heads * self.head_dim] + [self.kv_heads * self.head_dim] * 2
+        q, k, v = self.qkv(x).split(sizes, dim=-1)
+        q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k, v = (t.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2) for t in (k, v))
+        gqa = self.kv_heads != self.heads
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return self.proj(out.transpose(1, 2).reshape(b, s, d))
 
 
 class PlainBlock(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, kv_heads: int | None = None) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(dim)
-        self.attn = PlainAttention(dim, heads)
+        self.attn = PlainAttention(dim, heads, kv_heads)
         self.ln2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
@@ -96,11 +100,18 @@ class PlainBlock(nn.Module):
 class PlainGPT(nn.Module):
     """A GPT written in plain PyTorch: learned positions, its own shifted loss."""
 
-    def __init__(self, vocab: int = VOCAB, dim: int = 64, heads: int = 4, layers: int = 2) -> None:
+    def __init__(
+        self,
+        vocab: int = VOCAB,
+        dim: int = 64,
+        heads: int = 4,
+        layers: int = 2,
+        kv_heads: int | None = None,
+    ) -> None:
         super().__init__()
         self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(512, dim)
-        self.blocks = nn.ModuleList(PlainBlock(dim, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(PlainBlock(dim, heads, kv_heads) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(dim))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +21,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
+def _worker(
+    rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -43,7 +47,7 @@ class RankError(AssertionError):
 def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 600) -> list[Any]:
     """``fn(*args)`` on ``world`` gloo ranks; returns the results by rank or raises RankError."""
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = _free_port()
     procs = [
         ctx.Process(target=_worker, args=(rank, world, port, fn, args, queue), daemon=True)
@@ -52,13 +56,25 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 6
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
-    for _ in range(world):
-        rank, status, value = queue.get()
-        if status == "error":
-            for p in procs:
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < world:
+            try:
+                rank, status, value = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                dead = [
+                    r for r, p in enumerate(procs) if p.exitcode is not None and r not in results
+                ]
+                if dead or time.monotonic() > deadline:
+                    what = f"rank {dead[0]} died" if dead else f"timed out after {timeout} s"
+                    raise RankError(dead[0] if dead else -1, "RankDied", what, "") from None
+                continue
+            if status == "error":
+                raise RankError(rank, *value)
+            results[rank] = value
+    finally:
+        for p in procs:
+            p.join(5 if len(results) == world else 0)
+            if p.is_alive():
                 p.kill()
-            raise RankError(rank, *value)
-        results[rank] = value
-    for p in procs:
-        p.join(timeout)
     return [results[r] for r in range(world)]

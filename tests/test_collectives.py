@@ -12,5 +12,5 @@ LAYERS = 2  # tests.models builds two-layer models
 def test_collective_counts_llama() -> None:
     for counts in run_ranks(2, count_step, "llama"):
         for step in counts:
-            assert step["forward"] == {"all_to_all": 4 * LAYERS, "all_reduce": 1}
+            assert step["forward"] == {"all_to_all": 4 * LAYERS, "all_reduce_loss": 1}
             assert step["backward"] == {"all_to_all": 4 * LAYERS, "grad_all_reduce": 1}

@@ -1,10 +1,11 @@
 """The collectives of ``autosp.comm.ops`` and the gradient sync of ``autosp.comm.grad_sync``.
 
 Every rank builds every rank's data from a seed, so each rank can compute the single-process
-result on the concatenated data and compare its own part of it. The checks of one world size
-run in one spawn (``_rank_checks``); they record mismatches instead of raising, so that every
-rank issues the same collectives in the same order whatever fails, and the parent test reports
-the mismatches of each check separately.
+result on the concatenated data and compare its own part of it. The checks record mismatches
+instead of raising, so that every rank issues the same collectives in the same order whatever
+fails, and the parent test reports the mismatches of each check separately. A single spawn of 3
+ranks (``_rank_checks``) covers world sizes 2 (a group of ranks 0 and 1), 3, and 1
+(``torch.library.opcheck`` in a group of one rank), since a spawn costs seconds per rank.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 from multirank import run_ranks
 from torch import nn
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 from autosp.comm import ops
 from autosp.comm.grad_sync import GradSync
@@ -260,7 +262,7 @@ def _linear_grads(model: nn.Module, inp: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _check_grad_sync(rec: _Recorder, rank: int, world: int, g: str) -> None:
-    group = dist.group.WORLD
+    group = _resolve_process_group(g)
     torch.manual_seed(0)
     model = nn.Linear(4, 3).to(DT)  # identical on every rank
     first = _per_rank(world, (5, 4), seed=80)
@@ -332,35 +334,11 @@ CHECKS: dict[str, Callable[[_Recorder, int, int, str], None]] = {
 }
 
 
-def _rank_checks() -> dict[str, list[str]]:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    group = dist.group.WORLD.group_name
-    rec = _Recorder()
-    for name, check in CHECKS.items():
-        rec.check = name
-        check(rec, rank, world, group)
-    return rec.failures
+OPS = ["all_to_all", "all_gather", "reduce_scatter", "all_reduce", "all_reduce_loss", "scale_grad"]
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
-def failures(request: pytest.FixtureRequest) -> dict[str, list[str]]:
-    merged: dict[str, list[str]] = {}
-    for per_rank in run_ranks(request.param, _rank_checks):
-        for name, messages in per_rank.items():
-            merged.setdefault(name, []).extend(messages)
-    return merged
-
-
-@pytest.mark.parametrize("check", list(CHECKS))
-def test_collectives(failures: dict[str, list[str]], check: str) -> None:
-    assert not failures.get(check), "\n".join(failures[check])
-
-
-# --------------------------------------------------------------------------- world 1
-
-
-def _single_rank() -> dict[str, object]:
-    g = dist.group.WORLD.group_name
+def _opcheck(g: str) -> dict[str, object]:
+    """``torch.library.opcheck`` of every op in a 1-rank group, plus one count."""
     x = torch.randn(2, 4, 3, dtype=DT, requires_grad=True)
     cases = {
         "all_to_all": (ops.all_to_all, (x, 1, 0, g)),
@@ -382,25 +360,47 @@ def _single_rank() -> dict[str, object]:
     return results
 
 
-@pytest.fixture(scope="module")
-def single_rank() -> dict[str, object]:
-    (results,) = run_ranks(1, _single_rank)
+def _rank_checks() -> dict[object, object]:
+    """On 3 ranks: every check in a 2-rank group (ranks 0 and 1), then in the 3-rank group,
+    then opcheck in a 1-rank group per rank. One spawn for all three world sizes."""
+    rank = dist.get_rank()
+    pair = dist.new_group([0, 1])
+    singles = [dist.new_group([r]) for r in range(dist.get_world_size())]
+    results: dict[object, object] = {}
+    for world, group in ((2, pair), (3, dist.group.WORLD)):
+        if rank >= world:
+            continue
+        assert dist.get_world_size(group) == world and dist.get_rank(group) == rank
+        rec = _Recorder()
+        for name, check in CHECKS.items():
+            rec.check = name
+            check(rec, rank, world, group.group_name)
+        results[world] = rec.failures
+    results["opcheck"] = _opcheck(singles[rank].group_name)
     return results
 
 
-@pytest.mark.parametrize(
-    "op",
-    ["all_to_all", "all_gather", "reduce_scatter", "all_reduce", "all_reduce_loss", "scale_grad"],
-)
-def test_opcheck(single_rank: dict[str, object], op: str) -> None:
-    result = single_rank[op]
-    assert isinstance(result, dict), result
-    assert set(result.values()) == {"SUCCESS"}, result
+@pytest.fixture(scope="module")
+def per_rank() -> list[dict[object, object]]:
+    return run_ranks(3, _rank_checks)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="all_reduce_loss is counted under 'all_reduce', not under its own op name",
-)
-def test_count_all_reduce_loss_by_name(single_rank: dict[str, object]) -> None:
-    assert single_rank["count_all_reduce_loss"] == Counter({"all_reduce_loss": 1})
+@pytest.mark.parametrize("check", list(CHECKS))
+@pytest.mark.parametrize("world", [2, 3])
+def test_collectives(per_rank: list[dict[object, object]], world: int, check: str) -> None:
+    ranks = [r for r in per_rank if world in r]
+    assert len(ranks) == world
+    messages = [m for r in ranks for m in r[world].get(check, [])]
+    assert not messages, "\n".join(messages)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck_single_rank_group(per_rank: list[dict[object, object]], op: str) -> None:
+    for r in per_rank:
+        result = r["opcheck"][op]
+        assert isinstance(result, dict), result
+        assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_count_all_reduce_loss_by_name(per_rank: list[dict[object, object]]) -> None:
+    assert per_rank[0]["opcheck"]["count_all_reduce_loss"] == Counter({"all_reduce_loss": 1})

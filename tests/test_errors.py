@@ -16,9 +16,11 @@ def test_requires_initialised_process_group() -> None:
         autosp.parallelize(PlainGPT())
 
 
-def test_unknown_backend() -> None:
+def test_unknown_options() -> None:
     with pytest.raises(ValueError, match="backend 'tvm' is not one of inductor, aot_eager"):
         autosp.Config(backend="tvm")
+    with pytest.raises(ValueError, match="attention 'flash' is not one of auto, ulysses, ring"):
+        autosp.Config(attention="flash")
 
 
 def test_different_batches_on_ranks() -> None:
@@ -35,21 +37,22 @@ def test_same_batches_pass_the_check() -> None:
 
 
 @pytest.mark.parametrize(
-    ("factory", "kwargs", "message"),
+    ("factory", "kwargs", "options", "message"),
     [
-        ("NoAttentionLM", {}, "no attention found in the captured graph"),
+        ("NoAttentionLM", {}, {}, "no attention found in the captured graph"),
         (
             "PlainGPT",
             {"heads": 2},
-            "has 2 query heads and 2 key/value heads; Ulysses attention needs both divisible "
-            "by the sequence-parallel degree 4",
+            {"attention": "ulysses"},
+            "attention='ulysses' needs the query heads (2) divisible by the sequence-parallel "
+            "degree 4. Use attention='ring' or 'auto', or a degree that divides 2.",
         ),
-        ("NoLossGPT", {}, "labels were given but the model returned no loss"),
+        ("NoLossGPT", {}, {}, "labels were given but the model returned no loss"),
     ],
 )
-def test_unsupported_models(factory: str, kwargs: dict, message: str) -> None:
+def test_unsupported_models(factory: str, kwargs: dict, options: dict, message: str) -> None:
     with pytest.raises(RankError) as info:
-        run_ranks(4 if "heads" in kwargs else 2, call_model, factory, kwargs)
+        run_ranks(4 if "heads" in kwargs else 2, call_model, factory, kwargs, options)
     assert info.value.type_name == "AutoSPError"
     assert message in info.value.message
 

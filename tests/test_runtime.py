@@ -142,12 +142,6 @@ def test_shard_merged_last_dim() -> None:
     assert torch.equal(shards[1], torch.cat([x[:, 9:], torch.full((2, 3), -1)], dim=1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="shard() recurses with dim + 1 and flattens (dim, dim + 2) without normalising a "
-    "negative dim (the sharding pass only passes non-negative dims)",
-)
 def test_shard_merged_negative_dim() -> None:
     x = torch.arange(2 * 5 * 3).reshape(2, 15)
     assert torch.equal(
@@ -158,9 +152,8 @@ def test_shard_merged_negative_dim() -> None:
 # --------------------------------------------------------------------------- gather
 
 
-def _gather_checks() -> int:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    group = dist.group.WORLD.group_name
+def _gather_checks(world: int, group: str) -> int:
+    rank = dist.get_rank()
     checked = 0
     for seq_len, length in itertools.product((6, 7, 8, 2), (0, -1)):
         rows = seq_len + length
@@ -176,7 +169,7 @@ def _gather_checks() -> int:
                 x, dim, seq_len, rank, world, inner=inner, length=length, pad_value=float("nan")
             )
             full = runtime.gather(mine, dim, seq_len, world, group, inner=inner, length=length)
-            where = f"S={seq_len} length={length} dim={dim} inner={inner}"
+            where = f"world={world} S={seq_len} length={length} dim={dim} inner={inner}"
             assert not full.isnan().any(), f"{where}: padding leaked into the gathered value"
             torch.testing.assert_close(full, x, rtol=0, atol=0, msg=where)
             size = runtime.full_size(mine, dim, seq_len, world, inner, length)
@@ -193,9 +186,26 @@ def _gather_checks() -> int:
     return checked
 
 
+def _gather_worlds() -> dict[int, int]:
+    """On 3 ranks: the checks in a group of ranks 0 and 1, then in all 3 (one spawn)."""
+    rank = dist.get_rank()
+    pair = dist.new_group([0, 1])
+    done = {}
+    for world, group in ((2, pair), (3, dist.group.WORLD)):
+        if rank < world:
+            assert dist.get_world_size(group) == world and dist.get_rank(group) == rank
+            done[world] = _gather_checks(world, group.group_name)
+    return done
+
+
+@pytest.fixture(scope="module")
+def gathered() -> list[dict[int, int]]:
+    return run_ranks(3, _gather_worlds)
+
+
 @pytest.mark.parametrize("world", [2, 3])
-def test_gather_inverts_shard(world: int) -> None:
-    assert run_ranks(world, _gather_checks) == [40] * world
+def test_gather_inverts_shard(gathered: list[dict[int, int]], world: int) -> None:
+    assert [r[world] for r in gathered if world in r] == [40] * world
 
 
 # --------------------------------------------------------------------------- seqdims
@@ -253,13 +263,11 @@ def test_hint(shape_env: tuple[torch.SymInt, torch.SymInt, frozenset[sympy.Symbo
 
 
 def test_seq_dims_of_traced_values() -> None:
-    recorded: dict[str, torch.Tensor] = {}
+    recorded: list[torch.Tensor] = []
 
     def record(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        for node in gm.graph.nodes:
-            value = node.meta.get("example_value")
-            if node.op == "call_function" and isinstance(value, torch.Tensor):
-                recorded[node.name] = value
+        (outputs,) = gm.graph.output_node().args
+        recorded.extend(node.meta["example_value"] for node in outputs)
         return gm.forward
 
     def f(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -277,11 +285,11 @@ def test_seq_dims_of_traced_values() -> None:
     torch._dynamo.reset()
 
     names = ["shifted", "merged", "heads", "flat", "summed"]
-    assert set(names) <= set(recorded), sorted(recorded)
-    sizes = [d for n in names for d in recorded[n].shape if isinstance(d, torch.SymInt)]
+    assert len(recorded) == len(names)
+    sizes = [d for value in recorded for d in value.shape if isinstance(d, torch.SymInt)]
     syms = frozenset().union(*(d.node.expr.free_symbols for d in sizes))
     assert len(syms) == 1, syms  # only the sequence length is dynamic
-    got = {name: seq_dims(recorded[name], syms) for name in names}
+    got = {name: seq_dims(value, syms) for name, value in zip(names, recorded, strict=True)}
     assert got == {
         "shifted": [SeqDim(1, False, -1)],
         "merged": [SeqDim(0, True, 0)],

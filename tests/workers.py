@@ -33,9 +33,25 @@ def grad_errors(model: torch.nn.Module, ref: torch.nn.Module) -> dict[str, float
 
 def parity(family: str, cases: list[tuple[int, int]], backend: str = "aot_eager") -> list[dict]:
     """Loss, logits and gradients of the parallel model against one process, per (batch, seq)."""
-    model = build(family)
+    return model_parity(build(family), cases, {"backend": backend})
+
+
+def spec_parity(
+    factory: str, kwargs: dict[str, Any], options: dict[str, Any], cases: list[tuple[int, int]]
+) -> list[dict]:
+    """``parity`` for ``tests.models.<factory>(**kwargs)`` parallelized with ``options``."""
+    import tests.models
+
+    torch.manual_seed(0)
+    model = getattr(tests.models, factory)(**kwargs)
+    return model_parity(model, cases, {"backend": "aot_eager", **options})
+
+
+def model_parity(
+    model: torch.nn.Module, cases: list[tuple[int, int]], options: dict[str, Any]
+) -> list[dict]:
     ref = copy.deepcopy(model)
-    parallel = autosp.parallelize(model, backend=backend)
+    parallel = autosp.parallelize(model, **options)
     rank, world = dist.get_rank(), dist.get_world_size()
     results = []
     for batch, seq in cases:
@@ -59,6 +75,7 @@ def parity(family: str, cases: list[tuple[int, int]], backend: str = "aot_eager"
                 "grad_rel_err": grad_errors(model, ref),
                 "compiles": len(parallel.plans),
                 "gathered_ops": sorted({op for p in parallel.plans for op in p.gathered_ops}),
+                "attention": [line for p in parallel.plans for line in p.attention],
             }
         )
         model.zero_grad(set_to_none=True)
@@ -74,7 +91,7 @@ def train_steps(family: str, steps: int, batch: int, seq: int) -> list[dict[str,
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     history = []
-    for step in range(steps):
+    for _ in range(steps):
         ids, labels = make_batch(batch, seq, seed=100)  # one batch: the loss must fall
         loss = parallel(input_ids=ids, labels=labels)["loss"]
         loss.backward()
@@ -99,12 +116,12 @@ def call_with_rank_batch(seed_per_rank: bool) -> None:
     model(input_ids=ids, labels=labels)
 
 
-def call_model(factory: str, kwargs: dict[str, Any]) -> None:
+def call_model(factory: str, kwargs: dict[str, Any], options: dict[str, Any]) -> None:
     """Build a model from ``tests.models`` by class name, parallelize it and call it once."""
     import tests.models
 
     model = getattr(tests.models, factory)(**kwargs)
-    parallel = autosp.parallelize(model, backend="aot_eager")
+    parallel = autosp.parallelize(model, backend="aot_eager", **options)
     ids, labels = make_batch(1, 12, seed=0)
     parallel(input_ids=ids, labels=labels)
 
@@ -121,3 +138,37 @@ def count_step(family: str) -> list[dict[str, int]]:
             loss.backward()
         counts.append({"forward": dict(forward), "backward": dict(backward)})
     return counts
+
+
+def ring_vs_full(cases: list[tuple[int, int, int, bool]]) -> list[dict[str, float]]:
+    """Ring attention on this rank's padded block against full SDPA on the whole sequence,
+    per (seq, heads, kv_heads, causal): max errors of output and of q/k/v gradients."""
+    import torch.nn.functional as F
+
+    from autosp.comm.ops import _group  # noqa: F401 - the group name resolves through it
+    from autosp.compiler import runtime
+    from autosp.compiler.attention.ring import ring_attention
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.group.WORLD.group_name
+    results = []
+    for seq, heads, kv_heads, causal in cases:
+        gen = torch.Generator().manual_seed(seq * 31 + heads)
+        q = torch.randn(2, heads, seq, 8, generator=gen, requires_grad=True)
+        k = torch.randn(2, kv_heads, seq, 8, generator=gen, requires_grad=True)
+        v = torch.randn(2, kv_heads, seq, 8, generator=gen, requires_grad=True)
+        dout = torch.randn(2, heads, seq, 8, generator=gen)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        ref.backward(dout)
+        local = [runtime.shard(t.detach(), 2, seq, rank, world).requires_grad_() for t in (q, k, v)]
+        out = ring_attention(*local, causal, None, seq_len=seq, group=group)
+        out.backward(runtime.shard(dout, 2, seq, rank, world))
+        expected = [runtime.shard(t, 2, seq, rank, world) for t in (ref, q.grad, k.grad, v.grad)]
+        rows = runtime.valid_rows(seq, 0, rank, world)
+        got = [out, *(t.grad for t in local)]
+        errors = [
+            (a - b).narrow(2, 0, rows).abs().max().item() if rows else 0.0
+            for a, b in zip(got, expected, strict=True)
+        ]
+        results.append(dict(zip(("out", "dq", "dk", "dv"), errors, strict=True)))
+    return results

@@ -41,7 +41,7 @@ class GradSync:
     def _buckets(self) -> list[list[nn.Parameter]]:
         buckets: list[list[nn.Parameter]] = []
         size = 0
-        for param in (p for p in self._params if p in self._fresh):
+        for param in (p for p in self._params if p in self._fresh and p.grad is not None):
             grad = self._fresh[param]
             nbytes = grad.numel() * grad.element_size()
             same_kind = buckets and self._fresh[buckets[-1][0]].dtype == grad.dtype

@@ -154,7 +154,7 @@ def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
 @torch.library.custom_op("autosp::all_reduce_loss", mutates_args=())
 def all_reduce_loss(x: torch.Tensor, group: str) -> torch.Tensor:
     """Sum ``x`` over ranks; identity backward (every rank seeds the same output gradient)."""
-    _counts["all_reduce"] += 1
+    _counts["all_reduce_loss"] += 1
     out = x.contiguous().clone()
     dist.all_reduce(out, group=_group(group))
     return out
@@ -162,12 +162,12 @@ def all_reduce_loss(x: torch.Tensor, group: str) -> torch.Tensor:
 
 @all_reduce.register_fake
 def _(x: torch.Tensor, group: str) -> torch.Tensor:
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @all_reduce_loss.register_fake
 def _(x: torch.Tensor, group: str) -> torch.Tensor:
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 def _group_setup(ctx, inputs, output) -> None:  # noqa: ANN001

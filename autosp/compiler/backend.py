@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sympy
 import torch
@@ -25,6 +25,9 @@ from autosp.compiler.masks import MaskPlan, recognise_masks
 from autosp.compiler.ops_table import op_name
 from autosp.compiler.propagate import GroupInfo, Plan, ShardingPass, meta
 from autosp.errors import AutoSPError, InputMismatchError
+
+if TYPE_CHECKING:
+    from autosp.api import Config
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +127,8 @@ class Runner:
             names = ", ".join(self.inputs[g.index] for g in self.masks.guards)
             logger.warning(
                 "autosp: inputs %s are not plain positions/all-ones, so the attention mask is "
-                "not causal; compiling a graph that keeps the model's mask", names
+                "not causal; compiling a graph that keeps the model's mask",
+                names,
             )
             self.dense = self.compile_graph(MaskPlan({}, ()))
         return self.dense
@@ -159,7 +163,7 @@ class Runner:
             if not torch.equal(other, gathered[0]):
                 bad = [
                     name
-                    for (index, name), a, b in zip(self.inputs.items(), other, gathered[0])
+                    for name, a, b in zip(self.inputs.values(), other, gathered[0], strict=True)
                     if not torch.equal(a, b)
                 ]
                 raise InputMismatchError(
@@ -175,8 +179,7 @@ class AutoSPBackend:
     """A ``torch.compile`` backend that makes the captured forward sequence-parallel."""
 
     group: dist.ProcessGroup
-    inner: str
-    check_inputs: bool
+    config: Config
     state: TraceState
 
     def __call__(self, gm: GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
@@ -185,10 +188,12 @@ class AutoSPBackend:
         group = GroupInfo(
             dist.get_rank(self.group), dist.get_world_size(self.group), self.group.group_name
         )
-        inner = torch._dynamo.lookup_backend(self.inner)
+        inner = torch._dynamo.lookup_backend(self.config.backend)
 
         def compile_graph(masks: MaskPlan) -> tuple[Callable[..., Any], Plan]:
-            local_gm, plan = ShardingPass(gm, group, syms, source, masks.masks).run()
+            local_gm, plan = ShardingPass(
+                gm, group, syms, source, masks.masks, self.config.attention
+            ).run()
             logger.debug("autosp rank-local graph:\n%s", local_gm.code)
             for line in plan.attention + plan.loss:
                 logger.info("autosp: %s", line)
@@ -196,4 +201,4 @@ class AutoSPBackend:
             return inner(local_gm, list(example_inputs)), plan
 
         masks = recognise_masks(gm, example_inputs, syms)
-        return Runner(compile_graph, masks, gm, self.group, source, self.check_inputs)
+        return Runner(compile_graph, masks, gm, self.group, source, self.config.check_inputs)

@@ -93,8 +93,10 @@ class ShardingPass:
         seq_syms: frozenset[sympy.Symbol],
         seq_source: tuple[str, int],
         mask_overrides: dict[str, str] | None = None,
+        attention: str = "auto",
     ) -> None:
         self.gm = gm
+        self.attention = attention
         self.mask_overrides = mask_overrides or {}
         self.group = group
         self.syms = seq_syms

@@ -107,8 +107,7 @@ def _replicated_placement(sp: ShardingPass, node: Node) -> Any:
     inputs = tensor_args(node)
     marked = [a for a in inputs if sp.placement(a) == Replicate(loss_grad=True)]
     if marked and all(
-        sp.placement(a) == Replicate(loss_grad=True) or not meta(a).requires_grad
-        for a in inputs
+        sp.placement(a) == Replicate(loss_grad=True) or not meta(a).requires_grad for a in inputs
     ):
         return Replicate(loss_grad=True)
     return REPLICATE
@@ -391,7 +390,11 @@ def rowwise_first_arg(sp: ShardingPass, node: Node) -> None:
     source, placement = _single_shard(sp, node)
     if source is not node.args[0]:
         raise UnsupportedOp("a sharded weight")
-    if op_name(node) == "linear" and placement.dim == meta(source).dim() - 1 and not placement.merged:
+    if (
+        op_name(node) == "linear"
+        and placement.dim == meta(source).dim() - 1
+        and not placement.merged
+    ):
         raise UnsupportedOp("the sequence is the contracted dimension")
     _emit_local(sp, node, placement)
 
@@ -555,4 +558,3 @@ def bind(fn: Callable[..., Any], node: Node) -> inspect.BoundArguments:
     bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
     bound.apply_defaults()
     return bound
-

@@ -45,9 +45,12 @@ def shard(
     Rows past the logical length are filled with ``pad_value``.
     """
     block = block_len(seq_len, world)
+    dim = dim % x.dim()
     if inner:
         rows = x.unflatten(dim, (-1, seq_len + length, inner))
-        return shard(rows, dim + 1, seq_len, rank, world, 0, length, pad_value).flatten(dim, dim + 2)
+        return shard(rows, dim + 1, seq_len, rank, world, 0, length, pad_value).flatten(
+            dim, dim + 2
+        )
     padded = pad_dim(x, dim, block * world, pad_value)
     return padded.narrow(dim, rank * block, block)
 
@@ -63,6 +66,7 @@ def gather(
 ) -> torch.Tensor:
     """This rank's block -> the full tensor of logical length ``seq_len + length``."""
     block = block_len(seq_len, world)
+    dim = dim % x.dim()
     if inner:
         rows = x.unflatten(dim, (-1, block, inner))
         full = gather(rows, dim + 1, seq_len, world, group, 0, length)

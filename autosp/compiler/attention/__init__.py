@@ -1,14 +1,21 @@
-"""Attention strategies: how an attention call runs on sequence-sharded inputs."""
+"""Attention strategies: how an attention call runs on sequence-sharded inputs.
+
+``ulysses.py`` trades the sequence shard for a head shard around the kernel (all-to-all);
+``ring.py`` keeps the query rows and passes key/value blocks around the ring (send/recv). The
+choice is made per attention call (``choose_strategy``) and recorded in the plan.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch.fx import Node
 
+from autosp.compiler.attention.ring import ring_attention
 from autosp.compiler.attention.ulysses import ulysses_attention
 from autosp.compiler.placement import Replicate, Shard
-from autosp.compiler.propagate import ShardingPass, meta
+from autosp.compiler.propagate import ShardingPass, UnsupportedOp, meta
 from autosp.compiler.seqdims import hint
 from autosp.errors import AutoSPError
 
@@ -26,8 +33,27 @@ def sdpa_signature(
     """The signature of ``F.scaled_dot_product_attention`` (a builtin without one)."""
 
 
+def kv_repeat(heads: int, kv_heads: int, world: int) -> int:
+    """How often to repeat each key/value head so that every rank gets whole groups under
+    Ulysses: the fewest copies making the count divisible by ``world`` (1 if it already is)."""
+    return math.lcm(kv_heads, world) // kv_heads
+
+
+def choose_strategy(requested: str, heads: int, kv_heads: int, world: int, masked: bool) -> str:
+    """``ulysses`` when the query heads divide evenly, else ``ring``; honours an override."""
+    if requested == "ulysses" and heads % world:
+        raise AutoSPError(
+            f"autosp: attention='ulysses' needs the query heads ({heads}) divisible by the "
+            f"sequence-parallel degree {world}. Use attention='ring' or 'auto', or a degree "
+            f"that divides {heads}."
+        )
+    if requested == "ring" or (requested == "auto" and heads % world):
+        return "ring"
+    return "ulysses"
+
+
 def shard_attention(sp: ShardingPass, node: Node) -> None:
-    """Replace ``scaled_dot_product_attention`` by Ulysses attention on sharded q, k, v."""
+    """Replace ``scaled_dot_product_attention`` by a sequence-parallel strategy."""
     from autosp.compiler.rules import bind
 
     args = bind(sdpa_signature, node).arguments
@@ -37,47 +63,51 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
     if q_meta.dim() < 3:
         raise AutoSPError(
             f"autosp: attention {node.name} has no head dimension (query shape "
-            f"{tuple(q_meta.shape)}); Ulysses attention splits heads across the "
-            f"{world} ranks. Reshape the query to [batch, heads, seq, head_dim]."
+            f"{tuple(q_meta.shape)}); reshape the query to [batch, heads, seq, head_dim]."
         )
     heads, kv_heads = hint(q_meta.shape[-3]), hint(k_meta.shape[-3])
-    if heads % world or kv_heads % world:
-        raise AutoSPError(
-            f"autosp: attention {node.name} has {heads} query heads and {kv_heads} key/value "
-            f"heads; Ulysses attention needs both divisible by the sequence-parallel degree "
-            f"{world}. Use a degree that divides {heads} and {kv_heads} "
-            "(ring and hybrid attention for other degrees are not implemented yet)."
-        )
-    seq_dim = q_meta.dim() - 2
-    q, k, v = (sp.shard(t, Shard(seq_dim)) for t in (query, key, value))
     mask, is_causal = args["attn_mask"], args["is_causal"]
     recognised = sp.mask_overrides.get(node.name)
     if recognised is not None:
         mask, is_causal = None, recognised == "causal"
-    if mask is not None and not isinstance(sp.placement(mask), Replicate):
-        mask = sp.replicate(mask)
-    elif mask is not None:
-        mask = sp.env[mask]
-    out = sp.call(
-        ulysses_attention,
-        q,
-        k,
-        v,
-        mask,
-        args["dropout_p"],
-        is_causal,
-        args["scale"],
-        args["enable_gqa"],
-        seq_len=sp.seq_len,
-        rank=sp.group.rank,
-        world=world,
-        group=sp.name,
-    )
+    strategy = choose_strategy(sp.attention, heads, kv_heads, world, mask is not None)
+    if strategy == "ring" and (mask is not None or args["dropout_p"]):
+        raise UnsupportedOp("ring attention with a dense mask or dropout")
+    seq_dim = q_meta.dim() - 2
+    q, k, v = (sp.shard(t, Shard(seq_dim)) for t in (query, key, value))
+    if strategy == "ring":
+        out = sp.call(
+            ring_attention, q, k, v, is_causal, args["scale"], seq_len=sp.seq_len, group=sp.name
+        )
+        detail = f"{heads} heads not divisible by {world}" if heads % world else "requested"
+    else:
+        if mask is not None and not isinstance(sp.placement(mask), Replicate):
+            mask = sp.replicate(mask)
+        elif mask is not None:
+            mask = sp.env[mask]
+        repeat = kv_repeat(heads, kv_heads, world)
+        out = sp.call(
+            ulysses_attention,
+            q,
+            k,
+            v,
+            mask,
+            args["dropout_p"],
+            is_causal,
+            args["scale"],
+            args["enable_gqa"] or repeat * kv_heads != heads,
+            seq_len=sp.seq_len,
+            rank=sp.group.rank,
+            world=world,
+            group=sp.name,
+            kv_repeat=repeat,
+        )
+        detail = f"{heads} heads, {kv_heads} kv heads"
+        if repeat > 1:
+            detail += f" (each kv head sent to {repeat} ranks)"
     sp.env[node] = out
     sp.placements[node] = Shard(seq_dim)
     mask_kind = "causal" if is_causal else ("dense mask" if mask is not None else "no mask")
     if recognised is not None:
-        mask_kind += " (recognised from the mask's graph)"
-    sp.plan.attention.append(
-        f"{node.name}: ulysses, {heads} heads, {kv_heads} kv heads, {mask_kind}"
-    )
+        mask_kind += ", recognised from the mask's graph"
+    sp.plan.attention.append(f"{node.name}: {strategy} ({detail}; {mask_kind})")

@@ -11,7 +11,9 @@ brings the output back to ``L`` rows of all heads::
 
 Rank ``r`` gets query heads ``[r*H/P, (r+1)*H/P)`` and key/value heads
 ``[r*Hkv/P, (r+1)*Hkv/P)``, which are exactly the key/value heads those query heads use under
-grouped-query attention, so ``enable_gqa`` keeps its meaning.
+grouped-query attention, so ``enable_gqa`` keeps its meaning. With fewer key/value heads than
+ranks (or a count ``P`` does not divide), each is repeated ``lcm(Hkv, P) / Hkv`` times first,
+as ALST does: the groups stay aligned and no rank receives a head it does not use.
 
 Padding rows sit at the end of the sequence: causal attention never lets a real query see
 them; non-causal attention gets a key mask that hides them.
@@ -68,9 +70,16 @@ def ulysses_attention(
     rank: int,
     world: int,
     group: str,
+    kv_repeat: int = 1,
 ) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` on sequence-sharded ``[..., H, L, D]`` inputs."""
+    """``F.scaled_dot_product_attention`` on sequence-sharded ``[..., H, L, D]`` inputs.
+
+    ``kv_repeat`` > 1 repeats each key/value head so that their count divides ``world``
+    (fewer key/value heads than ranks); the backward sums the copies' gradients.
+    """
     head_dim, seq_dim = query.dim() - 3, query.dim() - 2
+    if kv_repeat > 1:
+        key, value = (t.repeat_interleave(kv_repeat, dim=head_dim) for t in (key, value))
     q, k, v = (ops.all_to_all(t, head_dim, seq_dim, group) for t in (query, key, value))
     heads = q.shape[head_dim]
     padded = q.shape[seq_dim]

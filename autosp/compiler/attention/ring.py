@@ -1,0 +1,220 @@
+"""Ring attention: keep the query rows, pass key/value blocks around the ring.
+
+Note [Ring attention]
+---------------------
+Rank ``r`` holds query, key and value rows ``[r*L, (r+1)*L)`` of every head. In ``P`` steps each
+rank attends its queries to every key/value block: at step ``t`` it holds block
+``(r - t) mod P``, starts sending it to ``r + 1`` (and receiving the next from ``r - 1``), and
+meanwhile computes attention on it. Partial results merge exactly through their
+log-sum-exp ``lse``, in fp32 (derivation: https://arxiv.org/abs/2112.05682, section 3)::
+
+    lse = log(exp(lse_a) + exp(lse_b))
+    out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b
+
+Causal attention skips blocks from the future and applies the causal mask inside the diagonal
+block. The backward recomputes each block's probabilities from the saved global ``lse``; the
+key/value gradients travel around the ring with their block and arrive back at its owner
+after ``P`` hops.
+
+Padding rows sit at the end of the sequence: causal attention never shows them to a real query;
+non-causal attention masks keys at positions ``>= seq_len``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from autosp.comm.ops import _counts, _group
+
+
+def _exchange(
+    tensors: list[torch.Tensor], pg: dist.ProcessGroup
+) -> tuple[list[torch.Tensor], list]:
+    """Start sending ``tensors`` to the next rank and receiving as many from the previous."""
+    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+    nxt = dist.get_global_rank(pg, (rank + 1) % world)
+    prv = dist.get_global_rank(pg, (rank - 1) % world)
+    tensors = [t.contiguous() for t in tensors]
+    received = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t, nxt, pg) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, t, prv, pg) for t in received]
+    _counts["ring_send_recv"] += 1
+    return received, dist.batch_isend_irecv(ops)
+
+
+def _block_bias(
+    rows: int,
+    cols: int,
+    q_block: int,
+    k_block: int,
+    causal: bool,
+    seq_len: int,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Additive fp32 bias hiding future keys (causal diagonal block) and padding keys."""
+    key_pos = k_block * cols + torch.arange(cols, device=device)
+    hidden = (key_pos >= seq_len).expand(rows, cols)
+    if causal and q_block == k_block:
+        query_pos = q_block * rows + torch.arange(rows, device=device)
+        hidden = hidden | (key_pos[None, :] > query_pos[:, None])
+    if not bool(hidden.any()):
+        return None
+    return torch.zeros(rows, cols, device=device).masked_fill(hidden, float("-inf"))
+
+
+def _skip(q_block: int, k_block: int, causal: bool) -> bool:
+    return causal and k_block > q_block
+
+
+def _repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    return t.repeat_interleave(heads // t.shape[-3], dim=-3) if t.shape[-3] != heads else t
+
+
+def _block_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one block in fp32: output and log-sum-exp per query row."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
+    return probs @ v.float(), lse
+
+
+def _merge(
+    out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    new_lse = torch.logaddexp(lse, block_lse)
+    keep = torch.exp(lse - new_lse).nan_to_num(0.0).unsqueeze(-1)
+    take = torch.exp(block_lse - new_lse).nan_to_num(0.0).unsqueeze(-1)
+    return keep * out + take * block_out, new_lse
+
+
+@torch.library.custom_op("autosp::ring_attention", mutates_args=())
+def ring_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_causal: bool,
+    scale: float,
+    seq_len: int,
+    group: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ring attention forward on ``[..., H, L, D]`` blocks: output and fp32 log-sum-exp."""
+    pg = _group(group)
+    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+    heads, rows = q.shape[-3], q.shape[-2]
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+    kv = [k, v]
+    for step in range(world):
+        src = (rank - step) % world
+        pending = _exchange(kv, pg) if step < world - 1 else None
+        if not _skip(rank, src, is_causal):
+            bias = _block_bias(rows, rows, rank, src, is_causal, seq_len, q.device)
+            kh, vh = (_repeat_heads(t, heads) for t in kv)
+            out, lse = _merge(out, lse, *_block_forward(q, kh, vh, bias, scale))
+        if pending is not None:
+            received, works = pending
+            for work in works:
+                work.wait()
+            kv = received
+    return out.to(q.dtype), lse
+
+
+@ring_attention_fwd.register_fake
+def _(q, k, v, is_causal, scale, seq_len, group):  # noqa: ANN001, ANN202
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("autosp::ring_attention_backward", mutates_args=())
+def ring_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    is_causal: bool,
+    scale: float,
+    seq_len: int,
+    group: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ring attention; key/value gradients return to their owner."""
+    pg = _group(group)
+    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+    heads, rows = q.shape[-3], q.shape[-2]
+    qf, dout = q.float(), grad_out.float()
+    delta = (dout * out.float()).sum(-1, keepdim=True)
+    dq = torch.zeros_like(qf)
+    kv = [k, v]
+    dkv = [torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)]
+    for step in range(world):
+        src = (rank - step) % world
+        pending = _exchange(kv, pg) if step < world - 1 else None
+        if not _skip(rank, src, is_causal):
+            bias = _block_bias(rows, rows, rank, src, is_causal, seq_len, q.device)
+            kh, vh = (_repeat_heads(t, heads).float() for t in kv)
+            scores = (qf @ kh.transpose(-1, -2)) * scale
+            if bias is not None:
+                scores = scores + bias
+            probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
+            dv = probs.transpose(-1, -2) @ dout
+            dscores = probs * (dout @ vh.transpose(-1, -2) - delta) * scale
+            dq += dscores @ kh
+            dk = dscores.transpose(-1, -2) @ qf
+            group_size = heads // kv[0].shape[-3]
+            if group_size > 1:
+                dk = dk.unflatten(-3, (-1, group_size)).sum(-3)
+                dv = dv.unflatten(-3, (-1, group_size)).sum(-3)
+            dkv = [dkv[0] + dk, dkv[1] + dv]
+        (dkv, dkv_works) = _exchange(dkv, pg)
+        for work in dkv_works:
+            work.wait()
+        if pending is not None:
+            received, works = pending
+            for work in works:
+                work.wait()
+            kv = received
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+@ring_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, is_causal, scale, seq_len, group):  # noqa: ANN001, ANN202
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    q, k, v, ctx.is_causal, ctx.scale, ctx.seq_len, ctx.group = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+
+
+def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor):  # noqa: ANN001, ANN202
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = ring_attention_bwd(
+        grad_out, q, k, v, out, lse, ctx.is_causal, ctx.scale, ctx.seq_len, ctx.group
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+ring_attention_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def ring_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    is_causal: bool,
+    scale: float | None,
+    *,
+    seq_len: int,
+    group: str,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` on sequence-sharded ``[..., H, L, D]`` inputs, by
+    passing key/value blocks around the ring (Note [Ring attention])."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    out, _ = ring_attention_fwd(query, key, value, is_causal, scale, seq_len, group)
+    return out
