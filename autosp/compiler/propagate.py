@@ -106,6 +106,7 @@ class ShardingPass:
         self.placements: dict[Node, Any] = {}
         self._converted: dict[tuple[Node, Placement, Any], Node] = {}
         self.seq_len: Node | None = None
+        self._block_len: Node | None = None
         self.plan = Plan()
 
     # ------------------------------------------------------------------ entry point
@@ -198,6 +199,13 @@ class ShardingPass:
                 pad_value,
             )
         return self._converted[key]
+
+    @property
+    def block_len(self) -> Node:
+        """The rows every rank holds, ``L = ceil(S / P)`` (one node, made on first use)."""
+        if self._block_len is None:
+            self._block_len = self.call(runtime.block_len, self.seq_len, self.group.world)
+        return self._block_len
 
     @property
     def name(self) -> str:

@@ -281,8 +281,8 @@ def layout(sp: ShardingPass, node: Node) -> None:
     name = op_name(node)
     if name in SHAPE_ARG_OPS:
         shape, rebuild = _shape_arg(node)
-        shape = _local_shape(sp, node, shape, out_dim.dim, expand=name == "expand")
-        sp.emit(node, sp.local(rebuild(shape)), sp.local(node.kwargs), target)
+        args = rebuild(_local_shape(sp, node, sp.local(shape), out_dim))
+        sp.emit(node, (sp.env[args[0]], *args[1:]), sp.local(node.kwargs), target)
     elif name == "unflatten":
         dim, sizes = node.args[1], list(node.args[2])
         base = normalize_dim(dim, meta(source).dim())
@@ -294,21 +294,26 @@ def layout(sp: ShardingPass, node: Node) -> None:
         _emit_local(sp, node, target)
 
 
-def _local_shape(
-    sp: ShardingPass, node: Node, shape: list[Any], seq_dim: int, expand: bool
-) -> list[Any]:
-    """Rewrite a full output shape for the local rows: the sequence entry becomes -1."""
+def _local_shape(sp: ShardingPass, node: Node, shape: list[Any], out_dim: SeqDim) -> list[Any]:
+    """Rewrite a full output shape (already mapped to the local graph) for the local rows.
+
+    A plain sequence entry becomes the rows per rank ``L``; a merged one becomes -1, which
+    needs every other entry explicit.
+    """
     out_meta = meta(node)
     shape = list(shape)
     offset = len(shape) - out_meta.dim()
+    position = out_dim.dim + offset
+    if not out_dim.merged:
+        shape[position] = sp.block_len
+        return shape
     for i, entry in enumerate(shape):
-        if i == seq_dim + offset:
-            shape[i] = -1
-        elif not expand and isinstance(entry, int) and entry == -1:
+        if i != position and isinstance(entry, int) and entry == -1:
             size = out_meta.shape[i - offset]
             if isinstance(size, torch.SymInt):
-                raise UnsupportedOp("a dynamic -1 beside the sequence in a view")
+                raise UnsupportedOp("a dynamic -1 beside a merged sequence in a view")
             shape[i] = int(size)
+    shape[position] = -1
     return shape
 
 
