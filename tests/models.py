@@ -156,3 +156,129 @@ class NoLossGPT(PlainGPT):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
         return {"logits": super().forward(input_ids)["logits"]}
+
+
+class SeqFirstGPT(nn.Module):
+    """A plain model whose activations are [sequence, batch, hidden] (sequence first)."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.tok = nn.Embedding(vocab, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        x = self.tok(input_ids.t())  # [S, B, D]
+        s, b, d = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (
+            t.reshape(s, b, self.heads, d // self.heads).permute(1, 2, 0, 3) for t in (q, k, v)
+        )
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, hd]
+        x = x + self.proj(out.permute(2, 0, 1, 3).reshape(s, b, d))
+        logits = self.head(x)  # [S, B, V]
+        shifted = F.pad(labels, (0, 1), value=-100)[:, 1:].t()  # [S, B]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1))
+        return {"logits": logits.transpose(0, 1), "loss": loss}
+
+
+def _packed_positions(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    """Three documents packed in each sequence: positions restart at each document."""
+    cuts = [0, seq // 3, 2 * seq // 3, seq]
+    pos = torch.cat([torch.arange(b - a) for a, b in zip(cuts, cuts[1:], strict=False)])
+    return {"position_ids": pos.expand(batch, seq).contiguous()}
+
+
+def _padding_mask(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    """The last three tokens of every sequence are padding."""
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[:, -3:] = 0
+    return {"attention_mask": mask}
+
+
+NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0)
+
+EXTRA: dict[str, tuple[Callable[[], nn.Module], Callable[..., dict] | None]] = {
+    # Architectures beyond the core list, each with something of its own.
+    "olmo2": (
+        _hf(
+            "Olmo2Config",
+            "Olmo2ForCausalLM",
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **COMMON,
+        ),
+        None,
+    ),
+    "qwen3": (
+        _hf(
+            "Qwen3Config",
+            "Qwen3ForCausalLM",
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            **COMMON,
+        ),
+        None,
+    ),
+    "granite": (
+        _hf(
+            "GraniteConfig",
+            "GraniteForCausalLM",
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **COMMON,
+        ),
+        None,
+    ),
+    "phi3": (
+        _hf(
+            "Phi3Config",
+            "Phi3ForCausalLM",
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            pad_token_id=0,
+            **COMMON,
+        ),
+        None,
+    ),
+    "gpt_neox_partial_rotary": (
+        _hf(
+            "GPTNeoXConfig",
+            "GPTNeoXForCausalLM",
+            num_attention_heads=4,
+            rotary_pct=0.25,
+            **NO_DROPOUT,
+            **COMMON,
+        ),
+        None,
+    ),
+    # Masks: a sliding window shorter than the sequence, packed documents, a padding mask in a
+    # bidirectional encoder with a masked-LM loss; a sequence-first plain model.
+    "mistral_sliding_window": (
+        _hf(
+            "MistralConfig",
+            "MistralForCausalLM",
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=4,
+            **COMMON,
+        ),
+        None,
+    ),
+    "llama_packed": (HF_FAMILIES["llama"], _packed_positions),
+    "bert_padding": (
+        _hf(
+            "BertConfig",
+            "BertForMaskedLM",
+            num_attention_heads=4,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            **COMMON,
+        ),
+        _padding_mask,
+    ),
+    "sequence_first": (SeqFirstGPT, None),
+}

@@ -26,6 +26,7 @@ from typing import Any
 import sympy
 import torch
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.node import map_arg
 from torch.utils import _pytree as pytree
 
 from autosp.comm import ops
@@ -153,11 +154,11 @@ class ShardingPass:
 
     def local(self, arg: Any) -> Any:
         """The local value of an argument, whatever its placement."""
-        return pytree.tree_map_only(Node, lambda n: self.env[n], arg)
+        return map_arg(arg, lambda n: self.env[n])
 
     def replicate(self, arg: Any) -> Any:
         """The whole value of an argument (gathering or reducing it if needed)."""
-        return pytree.tree_map_only(Node, self._replicate_node, arg)
+        return map_arg(arg, self._replicate_node)
 
     def _replicate_node(self, node: Node) -> Node:
         placement = self.placement(node)

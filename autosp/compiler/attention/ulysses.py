@@ -45,7 +45,7 @@ def _attention_mask(
         return None
     key_valid = torch.arange(padded, device=mask.device if mask is not None else None) < seq_len
     if mask is None:
-        return key_valid
+        return key_valid.unsqueeze(0)
     if mask.dim() >= 3 and mask.shape[-3] > 1:
         mask = mask.narrow(-3, head_start, heads)
     query_pad = ~key_valid.unsqueeze(-1)
