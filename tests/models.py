@@ -16,9 +16,8 @@ def _hf(config_cls: str, model_cls: str, **kwargs: object) -> Callable[[], nn.Mo
     def build() -> nn.Module:
         import transformers
 
-        config = getattr(transformers, config_cls)(
-            vocab_size=VOCAB, attn_implementation="sdpa", use_cache=False, **kwargs
-        )
+        options = {"attn_implementation": "sdpa", **kwargs}
+        config = getattr(transformers, config_cls)(vocab_size=VOCAB, use_cache=False, **options)
         return getattr(transformers, model_cls)(config)
 
     return build

@@ -149,7 +149,9 @@ def count_step(family: str) -> list[dict[str, int]]:
     return counts
 
 
-def ring_vs_full(cases: list[tuple[int, int, int, bool]]) -> list[dict[str, float]]:
+def ring_vs_full(
+    cases: list[tuple[int, int, int, bool]], use_kernel: bool
+) -> list[dict[str, float]]:
     """Ring attention on this rank's padded block against full SDPA on the whole sequence,
     per (seq, heads, kv_heads, causal): max errors of output and of q/k/v gradients."""
     import torch.nn.functional as F
@@ -170,7 +172,7 @@ def ring_vs_full(cases: list[tuple[int, int, int, bool]]) -> list[dict[str, floa
         ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
         ref.backward(dout)
         local = [runtime.shard(t.detach(), 2, seq, rank, world).requires_grad_() for t in (q, k, v)]
-        out = ring_attention(*local, causal, None, seq_len=seq, group=group)
+        out = ring_attention(*local, causal, None, seq_len=seq, group=group, use_kernel=use_kernel)
         out.backward(runtime.shard(dout, 2, seq, rank, world))
         expected = [runtime.shard(t, 2, seq, rank, world) for t in (ref, q.grad, k.grad, v.grad)]
         rows = runtime.valid_rows(seq, 0, rank, world)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.fx import GraphModule, Node
 
 from autosp.compiler import runtime
+from autosp.compiler.eager_attention import fuse_eager_attention_pass
 from autosp.compiler.masks import MaskPlan, recognise_masks
 from autosp.compiler.ops_table import op_name
 from autosp.compiler.propagate import GroupInfo, Plan, ShardingPass, meta
@@ -183,6 +184,7 @@ class AutoSPBackend:
     state: TraceState
 
     def __call__(self, gm: GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        fuse_eager_attention_pass(gm)
         check_attention(gm)
         syms, source = find_sequence(gm, self.state.seq_len)
         group = GroupInfo(

@@ -12,9 +12,10 @@ log-sum-exp ``lse``, in fp32 (derivation: https://arxiv.org/abs/2112.05682, sect
     out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b
 
 Causal attention skips blocks from the future and applies the causal mask inside the diagonal
-block. The backward recomputes each block's probabilities from the saved global ``lse``; the
-key/value gradients travel around the ring with their block and arrive back at its owner
-after ``P`` hops.
+block. Each block runs on the CPU flash-attention kernel, which returns the log-sum-exp and
+whose backward takes the global output and log-sum-exp, or on plain fp32 math elsewhere. The
+backward recomputes each block from the saved global ``lse``; the key/value gradients travel
+around the ring with their block and arrive back at its owner after ``P`` hops.
 
 Padding rows sit at the end of the sequence: causal attention never shows them to a real query;
 non-causal attention masks keys at positions ``>= seq_len``.
@@ -43,28 +44,31 @@ def _exchange(
     return received, dist.batch_isend_irecv(ops)
 
 
-def _block_bias(
-    rows: int,
-    cols: int,
-    q_block: int,
-    k_block: int,
-    causal: bool,
-    seq_len: int,
-    device: torch.device,
+def _padding_bias(
+    rows: int, k_block: int, seq_len: int, device: torch.device
 ) -> torch.Tensor | None:
-    """Additive fp32 bias hiding future keys (causal diagonal block) and padding keys."""
-    key_pos = k_block * cols + torch.arange(cols, device=device)
-    hidden = (key_pos >= seq_len).expand(rows, cols)
-    if causal and q_block == k_block:
-        query_pos = q_block * rows + torch.arange(rows, device=device)
-        hidden = hidden | (key_pos[None, :] > query_pos[:, None])
-    if not bool(hidden.any()):
+    """Additive fp32 bias hiding the padding keys of block ``k_block`` (None if it has none)."""
+    key_pos = k_block * rows + torch.arange(rows, device=device)
+    if int(key_pos[-1]) < seq_len:
         return None
-    return torch.zeros(rows, cols, device=device).masked_fill(hidden, float("-inf"))
+    return torch.zeros(rows, rows, device=device).masked_fill(key_pos >= seq_len, float("-inf"))
 
 
-def _skip(q_block: int, k_block: int, causal: bool) -> bool:
-    return causal and k_block > q_block
+def _skip(q_block: int, k_block: int, causal: bool, rows: int, seq_len: int) -> bool:
+    """Blocks nobody needs: the future (causal) and blocks made only of padding keys."""
+    return (causal and k_block > q_block) or k_block * rows >= seq_len
+
+
+def _block_bias(
+    q_block: int, k_block: int, causal: bool, rows: int, seq_len: int, device: torch.device
+) -> tuple[torch.Tensor | None, bool]:
+    """The padding bias and whether this is the causal diagonal block.
+
+    Causal attention needs no padding bias: padding keys come after every real query.
+    """
+    if causal:
+        return None, q_block == k_block
+    return _padding_bias(rows, k_block, seq_len, device), False
 
 
 def _repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -72,15 +76,68 @@ def _repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _block_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    diagonal: bool,
+    scale: float,
+    use_kernel: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of one block in fp32: output and log-sum-exp per query row."""
+    """Attention of one block: fp32 output and log-sum-exp per query row.
+
+    With ``use_kernel`` the CPU flash-attention kernel runs it (``diagonal`` marks the causal
+    block, whose future keys it hides itself); otherwise plain fp32 math.
+    """
+    if use_kernel:
+        mask = None if bias is None else bias.to(q.dtype)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, diagonal, attn_mask=mask, scale=scale
+        )
+        return out.float(), lse.float()
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     if bias is not None:
         scores = scores + bias
+    if diagonal:
+        scores = scores.masked_fill(_future(scores.shape[-2], q.device), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
     return probs @ v.float(), lse
+
+
+def _block_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bias: torch.Tensor | None,
+    diagonal: bool,
+    scale: float,
+    use_kernel: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one block given the *global* output and log-sum-exp (fp32 results)."""
+    if use_kernel:
+        mask = None if bias is None else bias.to(q.dtype)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, diagonal, attn_mask=mask, scale=scale
+        )
+        return dq.float(), dk.float(), dv.float()
+    qf, kf, vf, doutf = q.float(), k.float(), v.float(), dout.float()
+    scores = (qf @ kf.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias
+    if diagonal:
+        scores = scores.masked_fill(_future(scores.shape[-2], q.device), float("-inf"))
+    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
+    delta = (doutf * out.float()).sum(-1, keepdim=True)
+    dscores = probs * (doutf @ vf.transpose(-1, -2) - delta) * scale
+    return dscores @ kf, dscores.transpose(-1, -2) @ qf, probs.transpose(-1, -2) @ doutf
+
+
+def _future(rows: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(rows, rows, dtype=torch.bool, device=device).triu(1)
 
 
 def _merge(
@@ -101,6 +158,7 @@ def ring_attention_fwd(
     scale: float,
     seq_len: int,
     group: str,
+    use_kernel: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention forward on ``[..., H, L, D]`` blocks: output and fp32 log-sum-exp."""
     pg = _group(group)
@@ -112,10 +170,11 @@ def ring_attention_fwd(
     for step in range(world):
         src = (rank - step) % world
         pending = _exchange(kv, pg) if step < world - 1 else None
-        if not _skip(rank, src, is_causal):
-            bias = _block_bias(rows, rows, rank, src, is_causal, seq_len, q.device)
+        if not _skip(rank, src, is_causal, rows, seq_len):
+            bias, diagonal = _block_bias(rank, src, is_causal, rows, seq_len, q.device)
             kh, vh = (_repeat_heads(t, heads) for t in kv)
-            out, lse = _merge(out, lse, *_block_forward(q, kh, vh, bias, scale))
+            block = _block_forward(q, kh, vh, bias, diagonal, scale, use_kernel)
+            out, lse = _merge(out, lse, *block)
         if pending is not None:
             received, works = pending
             for work in works:
@@ -125,7 +184,7 @@ def ring_attention_fwd(
 
 
 @ring_attention_fwd.register_fake
-def _(q, k, v, is_causal, scale, seq_len, group):  # noqa: ANN001, ANN202
+def _(q, k, v, is_causal, scale, seq_len, group, use_kernel):  # noqa: ANN001, ANN202
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -141,36 +200,29 @@ def ring_attention_bwd(
     scale: float,
     seq_len: int,
     group: str,
+    use_kernel: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ring attention; key/value gradients return to their owner."""
     pg = _group(group)
     rank, world = dist.get_rank(pg), dist.get_world_size(pg)
     heads, rows = q.shape[-3], q.shape[-2]
-    qf, dout = q.float(), grad_out.float()
-    delta = (dout * out.float()).sum(-1, keepdim=True)
-    dq = torch.zeros_like(qf)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kv = [k, v]
-    dkv = [torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)]
+    dkv = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v)]
     for step in range(world):
         src = (rank - step) % world
         pending = _exchange(kv, pg) if step < world - 1 else None
-        if not _skip(rank, src, is_causal):
-            bias = _block_bias(rows, rows, rank, src, is_causal, seq_len, q.device)
-            kh, vh = (_repeat_heads(t, heads).float() for t in kv)
-            scores = (qf @ kh.transpose(-1, -2)) * scale
-            if bias is not None:
-                scores = scores + bias
-            probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
-            dv = probs.transpose(-1, -2) @ dout
-            dscores = probs * (dout @ vh.transpose(-1, -2) - delta) * scale
-            dq += dscores @ kh
-            dk = dscores.transpose(-1, -2) @ qf
+        if not _skip(rank, src, is_causal, rows, seq_len):
+            bias, diagonal = _block_bias(rank, src, is_causal, rows, seq_len, q.device)
+            kh, vh = (_repeat_heads(t, heads) for t in kv)
+            grads = _block_backward(
+                grad_out, q, kh, vh, out, lse, bias, diagonal, scale, use_kernel
+            )
+            dq += grads[0]
             group_size = heads // kv[0].shape[-3]
-            if group_size > 1:
-                dk = dk.unflatten(-3, (-1, group_size)).sum(-3)
-                dv = dv.unflatten(-3, (-1, group_size)).sum(-3)
+            dk, dv = (g.unflatten(-3, (-1, group_size)).sum(-3) for g in grads[1:])
             dkv = [dkv[0] + dk, dkv[1] + dv]
-        (dkv, dkv_works) = _exchange(dkv, pg)
+        dkv, dkv_works = _exchange(dkv, pg)
         for work in dkv_works:
             work.wait()
         if pending is not None:
@@ -182,12 +234,12 @@ def ring_attention_bwd(
 
 
 @ring_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, is_causal, scale, seq_len, group):  # noqa: ANN001, ANN202
+def _(grad_out, q, k, v, out, lse, is_causal, scale, seq_len, group, use_kernel):  # noqa: ANN001, ANN202
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    q, k, v, ctx.is_causal, ctx.scale, ctx.seq_len, ctx.group = inputs
+    q, k, v, ctx.is_causal, ctx.scale, ctx.seq_len, ctx.group, ctx.use_kernel = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
 
@@ -195,9 +247,19 @@ def _setup(ctx, inputs, output) -> None:  # noqa: ANN001
 def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor):  # noqa: ANN001, ANN202
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = ring_attention_bwd(
-        grad_out, q, k, v, out, lse, ctx.is_causal, ctx.scale, ctx.seq_len, ctx.group
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        ctx.is_causal,
+        ctx.scale,
+        ctx.seq_len,
+        ctx.group,
+        ctx.use_kernel,
     )
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 ring_attention_fwd.register_autograd(_backward, setup_context=_setup)
@@ -212,9 +274,11 @@ def ring_attention(
     *,
     seq_len: int,
     group: str,
+    use_kernel: bool | None = None,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` on sequence-sharded ``[..., H, L, D]`` inputs, by
     passing key/value blocks around the ring (Note [Ring attention])."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    out, _ = ring_attention_fwd(query, key, value, is_causal, scale, seq_len, group)
+    use_kernel = query.device.type == "cpu" if use_kernel is None else use_kernel
+    out, _ = ring_attention_fwd(query, key, value, is_causal, scale, seq_len, group, use_kernel)
     return out

@@ -1,0 +1,124 @@
+"""Recognising attention written out by hand, so that it runs as one attention call.
+
+Hugging Face's "eager" attention (and many hand-written models) computes::
+
+    scores = matmul(q, k.transpose(-2, -1)) * scale     # or / sqrt(d), or no scale
+    scores = scores + mask                               # optional additive mask
+    probs  = softmax(scores, dim=-1, dtype=float32).to(q.dtype)
+    probs  = dropout(probs, p)                           # optional
+    out    = matmul(probs, v)
+
+``fuse_eager_attention_pass`` replaces each such chain by
+``scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)``, which the
+attention strategies then parallelise (and whose mask ``masks.py`` may recognise as causal).
+The S x S ``scores`` are never sharded along keys, so without this the chain would be gathered.
+Chains with anything else between the two products (soft-capping, ALiBi biases added after
+the mask) are left as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+
+from autosp.compiler.ops_table import op_name
+from autosp.compiler.propagate import meta
+
+logger = logging.getLogger(__name__)
+
+CASTS = frozenset({"to", "float", "type_as", "contiguous"})
+
+
+def _skip_casts(node: Node) -> Node:
+    while isinstance(node, Node) and op_name(node) in CASTS:
+        node = node.args[0]
+    return node
+
+
+def _constant(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _transposed_key(node: Node) -> Node | None:
+    """``k`` if ``node`` is ``k.transpose(-2, -1)`` (any spelling of the last two dims)."""
+    if op_name(node) not in ("transpose", "swapaxes", "swapdims"):
+        return None
+    ndim = meta(node).dim()
+    dims = {d % ndim for d in node.args[1:3]} if len(node.args) >= 3 else set()
+    return node.args[0] if dims == {ndim - 2, ndim - 1} else None
+
+
+def _match_scores(node: Node) -> tuple[Node, Node, float, Node | None] | None:
+    """(q, k, scale, mask) if ``node`` computes ``q @ k^T * scale (+ mask)``."""
+    node = _skip_casts(node)
+    if op_name(node) == "add":
+        left, right = node.args[:2]
+        for scores, mask in ((left, right), (right, left)):
+            inner = _match_scores(scores) if isinstance(scores, Node) else None
+            masked = isinstance(mask, Node) and isinstance(meta(mask), torch.Tensor)
+            if inner is not None and inner[3] is None and masked:
+                return inner[0], inner[1], inner[2], mask
+        return None
+    scale = 1.0
+    if op_name(node) in ("mul", "div", "truediv"):
+        left, right = node.args[:2]
+        factor = _constant(right) if isinstance(left, Node) else _constant(left)
+        if factor is None or (op_name(node) != "mul" and not isinstance(left, Node)):
+            return None
+        scale = factor if op_name(node) == "mul" else 1.0 / factor
+        node = _skip_casts(left if isinstance(left, Node) else right)
+    if op_name(node) != "matmul" or len(node.args) != 2:
+        return None
+    query, key_t = node.args
+    key = _transposed_key(key_t) if isinstance(key_t, Node) else None
+    if key is None:
+        return None
+    return query, key, scale, None
+
+
+def _softmax_dim_is_last(node: Node) -> bool:
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    return isinstance(dim, int) and dim % meta(node).dim() == meta(node).dim() - 1
+
+
+def fuse_eager_attention_pass(gm: GraphModule) -> int:
+    """Replace written-out attention chains by ``scaled_dot_product_attention``; return how many."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if op_name(node) != "matmul" or len(node.args) != 2:
+            continue
+        probs, value = node.args
+        if not isinstance(probs, Node):
+            continue
+        dropout_p = 0.0
+        probs = _skip_casts(probs)
+        if op_name(probs) == "dropout":
+            training = probs.kwargs.get("training", probs.args[2] if len(probs.args) > 2 else True)
+            dropout_p = probs.kwargs.get("p", probs.args[1] if len(probs.args) > 1 else 0.5)
+            dropout_p = dropout_p if training else 0.0
+            probs = _skip_casts(probs.args[0])
+        if op_name(probs) != "softmax" or not _softmax_dim_is_last(probs):
+            continue
+        match = _match_scores(probs.args[0])
+        if match is None:
+            continue
+        query, key, scale, mask = match
+        if meta(query).dim() < 3 or meta(query).dtype != meta(node).dtype:
+            continue
+        with gm.graph.inserting_before(node):
+            sdpa = gm.graph.call_function(
+                F.scaled_dot_product_attention,
+                (query, key, value),
+                {"attn_mask": mask, "dropout_p": dropout_p, "scale": scale},
+            )
+        sdpa.meta["example_value"] = meta(node)
+        node.replace_all_uses_with(sdpa)
+        fused += 1
+    if fused:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        logger.info("autosp: %d written-out attention chains run as one attention call", fused)
+    return fused
