@@ -42,6 +42,9 @@ class Config:
     degree), ``"ring"`` (key/value blocks passed around the ring, any head count), or
     ``"auto"``: Ulysses where the heads allow it, ring elsewhere. ``model.plans`` shows the
     choice for each attention call."""
+    recognise_masks: bool = True
+    """Run attention masks that are causal for plain positions as ``is_causal`` (guarded at run
+    time); False keeps every mask the model builds (S x S memory), for comparison."""
     sync_grads: bool = True
     """Sum parameter gradients over the group after each backward. Turn off only when a
     data-parallel wrapper over the same ranks already does it."""

@@ -202,5 +202,9 @@ class AutoSPBackend:
             self.state.plans.append(plan)
             return inner(local_gm, list(example_inputs)), plan
 
-        masks = recognise_masks(gm, example_inputs, syms)
+        masks = (
+            recognise_masks(gm, example_inputs, syms)
+            if self.config.recognise_masks
+            else MaskPlan({}, ())
+        )
         return Runner(compile_graph, masks, gm, self.group, source, self.config.check_inputs)

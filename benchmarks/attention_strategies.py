@@ -1,0 +1,145 @@
+"""Step time and peak memory per rank of the attention strategies, on CPU with gloo.
+
+Each configuration runs in fresh processes (so the peak resident memory is its own): the
+built-in ``tiny`` Llama preset, batch 1, one warm-up step (compilation), then ``--steps``
+timed forward+backward+AdamW steps. Writes a JSON file and prints a Markdown table.
+
+    python benchmarks/attention_strategies.py --out benchmarks/results/attention_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+CONFIGS = [
+    # (strategy, seq_len, recognise_masks)
+    ("ulysses", 8192, True),
+    ("ring", 8192, True),
+    ("ulysses", 32768, True),
+    ("ring", 32768, True),
+    ("ulysses", 32768, False),
+]
+
+
+def _run(rank: int, world: int, port: int, cfg: dict[str, Any], queue: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from transformers import AutoModelForCausalLM
+
+    import autosp
+    from autosp.train import presets
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(presets.model_config(cfg["model"]))
+    parallel = autosp.parallelize(
+        model,
+        backend=cfg["backend"],
+        attention=cfg["strategy"],
+        recognise_masks=cfg["recognise_masks"],
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 256, (1, cfg["seq_len"]), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(cfg["steps"] + 1):
+        start = time.perf_counter()
+        parallel(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dist.barrier()
+        times.append(time.perf_counter() - start)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put(
+        {
+            "rank": rank,
+            "first_step_s": times[0],
+            "step_s": statistics.median(times[1:]),
+            "peak_rss_mib": peak_mib,
+            "attention": parallel.plans[-1].attention[0],
+        }
+    )
+    dist.destroy_process_group()
+
+
+def run_config(cfg: dict[str, Any], world: int) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_run, args=(r, world, port, cfg, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    ranks = sorted((queue.get() for _ in range(world)), key=lambda r: r["rank"])
+    for p in procs:
+        p.join()
+    return {
+        **cfg,
+        "step_s": max(r["step_s"] for r in ranks),
+        "first_step_s": max(r["first_step_s"] for r in ranks),
+        "peak_rss_mib_per_rank": [round(r["peak_rss_mib"]) for r in ranks],
+        "attention": ranks[0]["attention"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--backend", default="aot_eager")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    results = []
+    for strategy, seq_len, recognise in CONFIGS:
+        cfg = {
+            "strategy": strategy,
+            "seq_len": seq_len,
+            "recognise_masks": recognise,
+            "model": args.model,
+            "backend": args.backend,
+            "steps": args.steps,
+        }
+        result = run_config(cfg, args.world)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    import transformers
+
+    report = {
+        "command": "python benchmarks/attention_strategies.py "
+        + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "world": args.world,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print("| strategy | tokens | causal mask | step (s) | peak RSS per rank (MiB) |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in results:
+        mask = "recognised (is_causal)" if r["recognise_masks"] else "dense S x S"
+        peak = " / ".join(str(m) for m in r["peak_rss_mib_per_rank"])
+        print(f"| {r['strategy']} | {r['seq_len']} | {mask} | {r['step_s']:.2f} | {peak} |")
+
+
+if __name__ == "__main__":
+    main()
