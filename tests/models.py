@@ -280,4 +280,30 @@ EXTRA: dict[str, tuple[Callable[[], nn.Module], Callable[..., dict] | None]] = {
         _padding_mask,
     ),
     "sequence_first": (SeqFirstGPT, None),
+    # Attention written out (Hugging Face "eager"), with tanh soft-capping and alternating
+    # sliding windows (Gemma-2).
+    "llama_eager": (
+        _hf(
+            "LlamaConfig",
+            "LlamaForCausalLM",
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            attn_implementation="eager",
+            **COMMON,
+        ),
+        None,
+    ),
+    "gemma2_softcap": (
+        _hf(
+            "Gemma2Config",
+            "Gemma2ForCausalLM",
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=4,
+            attn_implementation="eager",
+            **COMMON,
+        ),
+        None,
+    ),
 }

@@ -19,6 +19,7 @@ GROUPS = {
         "bert_padding",
         "sequence_first",
     ],
+    "attention_forms": ["llama_eager", "gemma2_softcap"],
 }
 
 

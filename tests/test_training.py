@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.multirank import run_ranks
-from tests.workers import train_steps
+from tests.workers import mesh_parity, train_steps
 
 LOSS_TOL = 1e-5
 PARAM_TOL = 1e-4  # AdamW divides by sqrt(v): tiny gradient differences grow a little per step
@@ -19,3 +19,11 @@ def test_adamw_steps_match_single_process() -> None:
             assert record["param_rel_err"] <= PARAM_TOL, (step, record)
         assert history[-1]["loss"] < history[0]["loss"], "training did not reduce the loss"
     assert [r["loss"] for r in per_rank[0]] == [r["loss"] for r in per_rank[1]]
+
+
+def test_device_mesh_group() -> None:
+    """``group=`` accepts a 1-D DeviceMesh."""
+    for results in run_ranks(2, mesh_parity):
+        (result,) = results
+        assert result["loss_rel_err"] <= LOSS_TOL
+        assert max(result["grad_rel_err"].values()) <= PARAM_TOL

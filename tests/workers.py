@@ -196,3 +196,12 @@ def family_parity(names: list[str], seq: int) -> dict[str, dict]:
         (result,) = model_parity(factory(), [(1, seq)], {"backend": "aot_eager"}, extra_inputs)
         results[name] = result
     return results
+
+
+def mesh_parity() -> list[dict]:
+    """``parity`` with the group given as a 1-D DeviceMesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("sp",))
+    torch.manual_seed(0)
+    return model_parity(build("plain_gpt"), [(1, 13)], {"backend": "aot_eager", "group": mesh})

@@ -23,7 +23,7 @@ from torch.fx import GraphModule, Node
 from autosp.compiler import runtime
 from autosp.compiler.eager_attention import fuse_eager_attention_pass
 from autosp.compiler.masks import MaskPlan, recognise_masks
-from autosp.compiler.ops_table import op_name
+from autosp.compiler.ops_table import ATTENTION, op_name
 from autosp.compiler.propagate import GroupInfo, Plan, ShardingPass, meta
 from autosp.errors import AutoSPError, InputMismatchError
 
@@ -84,11 +84,11 @@ def find_sequence(gm: GraphModule, seq_len: int) -> tuple[frozenset[sympy.Symbol
 
 
 def check_attention(gm: GraphModule) -> None:
-    if not any(op_name(n) == "scaled_dot_product_attention" for n in gm.graph.nodes):
+    if not any(op_name(n) in ATTENTION for n in gm.graph.nodes):
         raise AutoSPError(
             "autosp: no attention found in the captured graph. autosp recognises "
-            "torch.nn.functional.scaled_dot_product_attention; for Hugging Face models pass "
-            "attn_implementation='sdpa' when building the model."
+            "torch.nn.functional.scaled_dot_product_attention and attention written out as "
+            "matmul-softmax-matmul; a model without attention has nothing to split."
         )
 
 

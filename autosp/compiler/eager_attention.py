@@ -11,9 +11,10 @@ Hugging Face's "eager" attention (and many hand-written models) computes::
 ``fuse_eager_attention_pass`` replaces each such chain by
 ``scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)``, which the
 attention strategies then parallelise (and whose mask ``masks.py`` may recognise as causal).
-The S x S ``scores`` are never sharded along keys, so without this the chain would be gathered.
-Chains with anything else between the two products (soft-capping, ALiBi biases added after
-the mask) are left as they are.
+A tanh soft-cap of the scores (Gemma-2: ``cap * tanh(scores / cap)`` before the mask) becomes
+``softcapped_attention``. The S x S ``scores`` are never sharded along keys, so without this the
+chain would be gathered. Chains with anything else between the two products (ALiBi biases
+added after the mask) are left as they are.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from autosp.compiler.attention.reference import softcapped_attention
 from autosp.compiler.ops_table import op_name
 from autosp.compiler.propagate import meta
 
@@ -51,8 +53,25 @@ def _transposed_key(node: Node) -> Node | None:
     return node.args[0] if dims == {ndim - 2, ndim - 1} else None
 
 
-def _match_scores(node: Node) -> tuple[Node, Node, float, Node | None] | None:
-    """(q, k, scale, mask) if ``node`` computes ``q @ k^T * scale (+ mask)``."""
+def _match_softcap(node: Node) -> tuple[Node, float] | None:
+    """(scores, cap) if ``node`` computes ``tanh(scores / cap) * cap``."""
+    if op_name(node) != "mul" or not isinstance(node.args[0], Node):
+        return None
+    cap = _constant(node.args[1])
+    tanh = node.args[0]
+    if cap is None or op_name(tanh) != "tanh":
+        return None
+    divided = tanh.args[0]
+    if not isinstance(divided, Node) or op_name(divided) not in ("div", "truediv"):
+        return None
+    if _constant(divided.args[1]) != cap or not isinstance(divided.args[0], Node):
+        return None
+    return divided.args[0], cap
+
+
+def _match_scores(node: Node) -> tuple[Node, Node, float, Node | None, float] | None:
+    """(q, k, scale, mask, softcap) if ``node`` computes
+    ``[softcap *tanh(] q @ k^T * scale [/ softcap)] (+ mask)``."""
     node = _skip_casts(node)
     if op_name(node) == "add":
         left, right = node.args[:2]
@@ -60,8 +79,14 @@ def _match_scores(node: Node) -> tuple[Node, Node, float, Node | None] | None:
             inner = _match_scores(scores) if isinstance(scores, Node) else None
             masked = isinstance(mask, Node) and isinstance(meta(mask), torch.Tensor)
             if inner is not None and inner[3] is None and masked:
-                return inner[0], inner[1], inner[2], mask
+                return inner[0], inner[1], inner[2], mask, inner[4]
         return None
+    capped = _match_softcap(node)
+    if capped is not None:
+        inner = _match_scores(capped[0])
+        if inner is None or inner[3] is not None or inner[4]:
+            return None
+        return inner[0], inner[1], inner[2], None, capped[1]
     scale = 1.0
     if op_name(node) in ("mul", "div", "truediv"):
         left, right = node.args[:2]
@@ -76,7 +101,7 @@ def _match_scores(node: Node) -> tuple[Node, Node, float, Node | None] | None:
     key = _transposed_key(key_t) if isinstance(key_t, Node) else None
     if key is None:
         return None
-    return query, key, scale, None
+    return query, key, scale, None, 0.0
 
 
 def _softmax_dim_is_last(node: Node) -> bool:
@@ -105,15 +130,15 @@ def fuse_eager_attention_pass(gm: GraphModule) -> int:
         match = _match_scores(probs.args[0])
         if match is None:
             continue
-        query, key, scale, mask = match
+        query, key, scale, mask, softcap = match
         if meta(query).dim() < 3 or meta(query).dtype != meta(node).dtype:
             continue
+        kwargs = {"attn_mask": mask, "dropout_p": dropout_p, "scale": scale}
+        target = F.scaled_dot_product_attention
+        if softcap:
+            target, kwargs["softcap"] = softcapped_attention, softcap
         with gm.graph.inserting_before(node):
-            sdpa = gm.graph.call_function(
-                F.scaled_dot_product_attention,
-                (query, key, value),
-                {"attn_mask": mask, "dropout_p": dropout_p, "scale": scale},
-            )
+            sdpa = gm.graph.call_function(target, (query, key, value), kwargs)
         sdpa.meta["example_value"] = meta(node)
         node.replace_all_uses_with(sdpa)
         fused += 1

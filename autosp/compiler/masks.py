@@ -26,7 +26,7 @@ import sympy
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from autosp.compiler.ops_table import op_name
+from autosp.compiler.ops_table import ATTENTION, op_name
 from autosp.compiler.propagate import meta
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def recognise_masks(
     masks: dict[str, str] = {}
     guards: dict[int, InputGuard] = {}
     for node in gm.graph.nodes:
-        if op_name(node) != "scaled_dot_product_attention":
+        if op_name(node) not in ATTENTION:
             continue
         mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
         if not isinstance(mask, Node):

@@ -54,6 +54,9 @@ FACTORY = frozenset(
 
 SIZE_OPS = frozenset("size sym_size dim numel".split())
 
+ATTENTION = frozenset({"scaled_dot_product_attention", "softcapped_attention"})
+"""Attention calls (SDPA and autosp's reference for what SDPA cannot express)."""
+
 
 def op_name(node: Node) -> str:
     """A uniform name for ``call_function`` and ``call_method`` nodes."""

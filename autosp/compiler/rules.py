@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 
 from autosp.compiler import runtime
 from autosp.compiler.ops_table import (
+    ATTENTION,
     FACTORY,
     LAYOUT,
     POINTWISE,
@@ -62,7 +63,7 @@ def apply_rule(sp: ShardingPass, node: Node) -> None:
     name = op_name(node)
     inputs = tensor_args(node)
     distributed = [a for a in inputs if not isinstance(sp.placement(a), Replicate)]
-    if not distributed and name != "scaled_dot_product_attention":
+    if not distributed and name not in ATTENTION:
         start = _token_input_to_shard(sp, node, inputs)
         if start is None:
             sp.emit(node, *sp.local((node.args, node.kwargs)), _replicated_placement(sp, node))
@@ -129,7 +130,8 @@ def _token_input_to_shard(sp: ShardingPass, node: Node, inputs: list[Node]) -> N
 # --------------------------------------------------------------------------- helpers
 
 
-def _shard_of(sp: ShardingPass, node: Node, out_dim: SeqDim, like: Shard) -> Shard:
+def _shard_of(out_dim: SeqDim, like: Shard) -> Shard:
+    """The placement of an output whose rows are `like`'s, found at `out_dim`."""
     return Shard(out_dim.dim, like.inner if out_dim.merged else 0, out_dim.length)
 
 
@@ -374,7 +376,7 @@ def reduce_dim(sp: ShardingPass, node: Node) -> None:
     if placement.dim in {normalize_dim(d, ndim) for d in dims}:
         raise UnsupportedOp("reduction along the sequence dimension")
     out_dim = _output_seq_dim(sp, node, placement)
-    _emit_local(sp, node, _shard_of(sp, node, out_dim, placement))
+    _emit_local(sp, node, _shard_of(out_dim, placement))
 
 
 @rule("layer_norm", "rms_norm", "group_norm")
@@ -422,7 +424,7 @@ def matmul(sp: ShardingPass, node: Node) -> None:
         bias = node.args[0]
         if sp.seq_dims(bias):
             raise UnsupportedOp("a sequence-shaped bias")
-    _emit_local(sp, node, _shard_of(sp, node, out_dim, placement))
+    _emit_local(sp, node, _shard_of(out_dim, placement))
 
 
 @rule("getitem")
@@ -544,7 +546,7 @@ def factory(sp: ShardingPass, node: Node) -> None:
     _emit_local(sp, node, REPLICATE)
 
 
-@rule("scaled_dot_product_attention")
+@rule(*ATTENTION)
 def attention(sp: ShardingPass, node: Node) -> None:
     from autosp.compiler.attention import shard_attention
 

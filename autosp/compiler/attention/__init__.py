@@ -29,8 +29,10 @@ def sdpa_signature(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    softcap: float = 0.0,
 ) -> None:
-    """The signature of ``F.scaled_dot_product_attention`` (a builtin without one)."""
+    """The signature of ``F.scaled_dot_product_attention`` (a builtin without one), plus the
+    ``softcap`` of ``softcapped_attention``."""
 
 
 def kv_repeat(heads: int, kv_heads: int, world: int) -> int:
@@ -71,8 +73,8 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
     if recognised is not None:
         mask, is_causal = None, recognised == "causal"
     strategy = choose_strategy(sp.attention, heads, kv_heads, world, mask is not None)
-    if strategy == "ring" and (mask is not None or args["dropout_p"]):
-        raise UnsupportedOp("ring attention with a dense mask or dropout")
+    if strategy == "ring" and (mask is not None or args["dropout_p"] or args["softcap"]):
+        raise UnsupportedOp("ring attention with a dense mask, dropout or soft-capping")
     seq_dim = q_meta.dim() - 2
     q, k, v = (sp.shard(t, Shard(seq_dim)) for t in (query, key, value))
     if strategy == "ring":
@@ -101,10 +103,13 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
             world=world,
             group=sp.name,
             kv_repeat=repeat,
+            softcap=args["softcap"],
         )
         detail = f"{heads} heads, {kv_heads} kv heads"
         if repeat > 1:
             detail += f" (each kv head sent to {repeat} ranks)"
+        if args["softcap"]:
+            detail += f", soft-cap {args['softcap']:g}"
     sp.env[node] = out
     sp.placements[node] = Shard(seq_dim)
     mask_kind = "causal" if is_causal else ("dense mask" if mask is not None else "no mask")

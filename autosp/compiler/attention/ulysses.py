@@ -21,11 +21,14 @@ them; non-causal attention gets a key mask that hides them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from autosp.comm import ops
 from autosp.compiler import runtime
+from autosp.compiler.attention.reference import softcapped_attention
 
 
 def _attention_mask(
@@ -71,6 +74,7 @@ def ulysses_attention(
     world: int,
     group: str,
     kv_repeat: int = 1,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` on sequence-sharded ``[..., H, L, D]`` inputs.
 
@@ -84,7 +88,10 @@ def ulysses_attention(
     heads = q.shape[head_dim]
     padded = q.shape[seq_dim]
     mask = _attention_mask(attn_mask, seq_len, padded, rank * heads, heads, is_causal)
-    out = F.scaled_dot_product_attention(
+    kernel = F.scaled_dot_product_attention
+    if softcap:
+        kernel = functools.partial(softcapped_attention, softcap=softcap)
+    out = kernel(
         q,
         k,
         v,

@@ -1,0 +1,48 @@
+"""Attention that ``scaled_dot_product_attention`` cannot express, written in plain torch.
+
+``softcapped_attention`` is SDPA plus tanh soft-capping of the scores (Gemma-2):
+``scores = softcap * tanh(q @ k^T * scale / softcap)``. Recognised written-out attention with a
+soft-cap becomes a call to it (``eager_attention.py``); it is exact whether the strategies run it
+on head shards or, as a fallback, on the whole sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def softcapped_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` semantics with soft-capped scores (fp32 softmax)."""
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if key.shape[-3] != query.shape[-3]:
+        repeat = query.shape[-3] // key.shape[-3]
+        key, value = (t.repeat_interleave(repeat, dim=-3) for t in (key, value))
+    scores = (query @ key.transpose(-2, -1)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        rows, cols = scores.shape[-2:]
+        future = torch.ones(rows, cols, dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p)
+    return probs @ value
