@@ -307,3 +307,13 @@ EXTRA: dict[str, tuple[Callable[[], nn.Module], Callable[..., dict] | None]] = {
         None,
     ),
 }
+
+
+class PooledGPT(PlainGPT):
+    """Adds a loss on the mean over the sequence: a reduction autosp has no sharded rule for."""
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        out = super().forward(input_ids, labels)
+        pooled = out["logits"].mean(dim=1)
+        out["loss"] = out["loss"] + pooled.square().mean()
+        return out

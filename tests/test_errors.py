@@ -8,7 +8,7 @@ import torch
 import autosp
 from tests.models import PlainGPT
 from tests.multirank import RankError, run_ranks
-from tests.workers import call_model, call_with_rank_batch
+from tests.workers import call_model, call_with_rank_batch, fallback_parity
 
 
 def test_requires_initialised_process_group() -> None:
@@ -60,3 +60,15 @@ def test_unsupported_models(factory: str, kwargs: dict, options: dict, message: 
 def test_gather_sequence_rejects_other_tensors() -> None:
     with pytest.raises(autosp.AutoSPError, match="not a sequence-sharded output"):
         autosp.gather_sequence(torch.zeros(2, 3))
+
+
+def test_unsupported_op_is_gathered_with_a_warning() -> None:
+    """A mean over the sequence has no sharded rule: gathered, named in a warning, still exact."""
+    for result in run_ranks(2, fallback_parity):
+        assert result["loss_rel_err"] <= 1e-5
+        assert max(result["grad_rel_err"].values()) <= 1e-4
+        assert result["gathered_ops"] == ["mean"]
+        (warning,) = result["warnings"]
+        assert warning.startswith("autosp: op 'mean' (")
+        assert "reduction along the sequence dimension" in warning
+        assert "its inputs are gathered to full length on every rank" in warning

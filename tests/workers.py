@@ -205,3 +205,17 @@ def mesh_parity() -> list[dict]:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("sp",))
     torch.manual_seed(0)
     return model_parity(build("plain_gpt"), [(1, 13)], {"backend": "aot_eager", "group": mesh})
+
+
+def fallback_parity() -> dict[str, Any]:
+    """Parity of a model with an op that must be gathered, and the warnings it raised."""
+    import warnings
+
+    from tests.models import PooledGPT
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (result,) = model_parity(PooledGPT(), [(1, 13)], {"backend": "aot_eager"})
+    result["warnings"] = [str(w.message) for w in caught if "autosp" in str(w.message)]
+    return result

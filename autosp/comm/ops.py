@@ -16,6 +16,7 @@ all_reduce         partial -> replicated    all_reduce  (partial grad -> full gr
 all_reduce_loss    partial -> replicated    identity    (the caller seeds the same grad on
                                                           every rank, as ``loss.backward()``)
 scale_grad         identity                 grad * factor
+sum_grad           identity                 all_reduce (partial grad -> full grad)
 =================  =======================  ===========================================
 """
 
@@ -209,3 +210,21 @@ def _scale_backward(ctx, grad: torch.Tensor):  # noqa: ANN001
 
 
 scale_grad.register_autograd(_scale_backward, setup_context=_scale_setup)
+
+
+# --------------------------------------------------------------------------- sum_grad
+
+
+@torch.library.custom_op("autosp::sum_grad", mutates_args=())
+def sum_grad(x: torch.Tensor, group: str) -> torch.Tensor:
+    """Identity in the forward; sums the gradient over ranks in the backward. Turns the
+    partial gradients of replicated values into the full gradient ``all_reduce_loss`` expects."""
+    return x.clone()
+
+
+@sum_grad.register_fake
+def _(x: torch.Tensor, group: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+sum_grad.register_autograd(_all_reduce_backward, setup_context=_group_setup)

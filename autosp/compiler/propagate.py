@@ -29,7 +29,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 from torch.utils import _pytree as pytree
 
-from autosp.comm import ops
+import autosp.comm.ops  # noqa: F401 - registers the torch.ops.autosp collectives
 from autosp.compiler import runtime
 from autosp.compiler.ops_table import op_name
 from autosp.compiler.placement import REPLICATE, Partial, Placement, Replicate, Shard
@@ -244,7 +244,7 @@ class ShardingPass:
             self.plan.sharded_outputs.append(ShardedOutput(index, placement.dim, placement.length))
             return local
         if isinstance(placement, Partial) and value_meta.dim() == 0:
-            return self.call(ops.all_reduce_loss, local, self.name)
+            return self.call(torch.ops.autosp.all_reduce_loss.default, local, self.name)
         if isinstance(placement, Replicate) and placement.loss_grad:
             return local
         whole = self._replicate_node(value)
@@ -253,5 +253,5 @@ class ShardingPass:
             and value_meta.requires_grad
             and value_meta.dtype.is_floating_point
         ):
-            return self.call(ops.scale_grad, whole, 1.0 / self.group.world)
+            return self.call(torch.ops.autosp.scale_grad.default, whole, 1.0 / self.group.world)
         return whole

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch.fx import Node
+from torch.fx.node import map_arg
 from torch.utils import _pytree as pytree
 
 from autosp.compiler import runtime
@@ -66,7 +67,7 @@ def apply_rule(sp: ShardingPass, node: Node) -> None:
     if not distributed and name not in ATTENTION:
         start = _token_input_to_shard(sp, node, inputs)
         if start is None:
-            sp.emit(node, *sp.local((node.args, node.kwargs)), _replicated_placement(sp, node))
+            _emit_replicated(sp, node)
             return
         # Shard the token tensor for this op only; other users keep the whole value.
         (dim,) = [d for d in sp.seq_dims(start) if not d.merged and d.length == 0]
@@ -103,15 +104,23 @@ def _dispatch(sp: ShardingPass, node: Node, name: str) -> None:
         sp.gather_fallback(node, str(err))
 
 
-def _replicated_placement(sp: ShardingPass, node: Node) -> Any:
-    """Replicated, keeping the loss mark through scalar arithmetic on the loss."""
+LOSS = Replicate(loss_grad=True)
+
+
+def _emit_replicated(sp: ShardingPass, node: Node) -> None:
+    """Copy an op on replicated inputs. Scalar arithmetic on the loss keeps the loss mark (its
+    gradient arrives whole on every rank); an op mixing the loss with other replicated values
+    (whose gradients are partial) makes the loss's gradient partial too, so ``sum_grad`` sums
+    it back before the loss's identity-backward all-reduce."""
     inputs = tensor_args(node)
-    marked = [a for a in inputs if sp.placement(a) == Replicate(loss_grad=True)]
-    if marked and all(
-        sp.placement(a) == Replicate(loss_grad=True) or not meta(a).requires_grad for a in inputs
-    ):
-        return Replicate(loss_grad=True)
-    return REPLICATE
+    marked = {a for a in inputs if sp.placement(a) == LOSS}
+    others_need_grad = any(a not in marked and meta(a).requires_grad for a in inputs)
+    if marked and not others_need_grad:
+        _emit_local(sp, node, LOSS)
+        return
+    summed = {a: sp.call(torch.ops.autosp.sum_grad.default, sp.env[a], sp.name) for a in marked}
+    args, kwargs = map_arg((node.args, node.kwargs), lambda n: summed.get(n, sp.env[n]))
+    sp.emit(node, args, kwargs, REPLICATE)
 
 
 def _token_input_to_shard(sp: ShardingPass, node: Node, inputs: list[Node]) -> Node | None:
