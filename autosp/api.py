@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.weak import WeakIdKeyDictionary
 
 from autosp.comm.grad_sync import GradSync
+from autosp.compiler.attention.hybrid import hybrid_groups
 from autosp.compiler.backend import AutoSPBackend, TraceState
 from autosp.compiler.propagate import Plan
 from autosp.errors import AutoSPError
@@ -20,7 +21,7 @@ from autosp.errors import AutoSPError
 logger = logging.getLogger(__name__)
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
-ATTENTION_STRATEGIES = ("auto", "ulysses", "ring")
+ATTENTION_STRATEGIES = ("auto", "ulysses", "ring", "hybrid")
 
 LOGGER_METHODS = ("debug", "info", "warning", "warn", "error", "warning_once", "info_once")
 """Logging calls that Dynamo skips instead of breaking the graph (models warn mid-forward;
@@ -39,9 +40,10 @@ class Config:
     """Compiler for the rewritten graph: ``"inductor"`` or ``"aot_eager"`` (fast to compile)."""
     attention: str = "auto"
     """Attention strategy: ``"ulysses"`` (all-to-all, needs query heads divisible by the
-    degree), ``"ring"`` (key/value blocks passed around the ring, any head count), or
-    ``"auto"``: Ulysses where the heads allow it, ring elsewhere. ``model.plans`` shows the
-    choice for each attention call."""
+    degree), ``"ring"`` (key/value blocks passed around the ring, any head count),
+    ``"hybrid"`` (Ulysses over the largest degree dividing the heads, ring across), or
+    ``"auto"``: Ulysses where the heads allow it, else hybrid, else ring. ``model.plans``
+    shows the choice for each attention call."""
     recognise_masks: bool = True
     """Run attention masks that are causal for plain positions as ``is_causal`` (guarded at run
     time); False keeps every mask the model builds (S x S memory), for comparison."""
@@ -96,7 +98,13 @@ class SequenceParallel(nn.Module):
         self.group = group
         self.config = config
         self._state = TraceState()
-        backend = AutoSPBackend(group, config, self._state)
+        hybrid = {}
+        if config.attention in ("auto", "hybrid"):
+            world = dist.get_world_size(group)
+            for size in range(2, world):
+                if world % size == 0:
+                    hybrid[size] = hybrid_groups(group, size)
+        backend = AutoSPBackend(group, config, self._state, hybrid)
         self._compiled = torch.compile(module, backend=backend, fullgraph=True)
         self._grad_sync = GradSync(module, group, config.bucket_mb) if config.sync_grads else None
 

@@ -13,8 +13,29 @@ LOGITS_TOL = 1e-5
 CASES = [(1, 13), (2, 16)]
 
 SPECS = {
-    # 6 heads at SP=4: ring attention chosen automatically.
-    "6_heads_sp4_ring": (4, "PlainGPT", {"dim": 48, "heads": 6}, {}, "ring (6 heads not divisible"),
+    # 6 heads at SP=4: hybrid (Ulysses over 2, ring over 2) chosen automatically; or ring.
+    "6_heads_sp4_hybrid": (
+        4,
+        "PlainGPT",
+        {"dim": 48, "heads": 6},
+        {},
+        "hybrid (6 heads: Ulysses over 2 ranks, ring over 2",
+    ),
+    "6_heads_sp4_ring": (
+        4,
+        "PlainGPT",
+        {"dim": 48, "heads": 6},
+        {"attention": "ring"},
+        "ring (6 heads not divisible",
+    ),
+    # GQA with 2 kv heads and 6 query heads under hybrid at SP=4.
+    "gqa_6_heads_sp4_hybrid": (
+        4,
+        "PlainGPT",
+        {"dim": 48, "heads": 6, "kv_heads": 2},
+        {"attention": "hybrid"},
+        "hybrid (6 heads: Ulysses over 2 ranks",
+    ),
     # 6 heads at SP=3: Ulysses.
     "6_heads_sp3_ulysses": (3, "PlainGPT", {"dim": 48, "heads": 6}, {}, "ulysses (6 heads, 6 kv"),
     # Multi-query attention (1 key/value head) at SP=4: each kv head sent to 4 ranks.

@@ -182,13 +182,17 @@ class AutoSPBackend:
     group: dist.ProcessGroup
     config: Config
     state: TraceState
+    hybrid: dict[int, tuple[str, str]]
 
     def __call__(self, gm: GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         fuse_eager_attention_pass(gm)
         check_attention(gm)
         syms, source = find_sequence(gm, self.state.seq_len)
         group = GroupInfo(
-            dist.get_rank(self.group), dist.get_world_size(self.group), self.group.group_name
+            dist.get_rank(self.group),
+            dist.get_world_size(self.group),
+            self.group.group_name,
+            self.hybrid,
         )
         inner = torch._dynamo.lookup_backend(self.config.backend)
 

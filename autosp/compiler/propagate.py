@@ -45,6 +45,9 @@ class GroupInfo:
     rank: int
     world: int
     name: str
+    hybrid: dict[int, tuple[str, str]] = field(default_factory=dict)
+    """For each Ulysses size ``u`` (a proper divisor of ``world``): this rank's Ulysses group
+    and ring names for hybrid attention."""
 
 
 @dataclass(slots=True)

@@ -1,8 +1,9 @@
 """Attention strategies: how an attention call runs on sequence-sharded inputs.
 
 ``ulysses.py`` trades the sequence shard for a head shard around the kernel (all-to-all);
-``ring.py`` keeps the query rows and passes key/value blocks around the ring (send/recv). The
-choice is made per attention call (``choose_strategy``) and recorded in the plan.
+``ring.py`` keeps the query rows and passes key/value blocks around the ring (send/recv);
+``hybrid.py`` runs Ulysses inside groups and ring across them. The choice is made per attention
+call (``choose_strategy``) and recorded in the plan.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from torch.fx import Node
 
+from autosp.compiler.attention.hybrid import hybrid_attention
 from autosp.compiler.attention.ring import ring_attention
 from autosp.compiler.attention.ulysses import ulysses_attention
 from autosp.compiler.placement import Replicate, Shard
@@ -41,17 +43,22 @@ def kv_repeat(heads: int, kv_heads: int, world: int) -> int:
     return math.lcm(kv_heads, world) // kv_heads
 
 
-def choose_strategy(requested: str, heads: int, kv_heads: int, world: int, masked: bool) -> str:
-    """``ulysses`` when the query heads divide evenly, else ``ring``; honours an override."""
+def choose_strategy(requested: str, heads: int, world: int, hybrid_sizes: list[int]) -> str:
+    """``ulysses`` when the query heads divide evenly, else ``hybrid`` over the largest Ulysses
+    size dividing them, else ``ring``; an explicit request is honoured where it can run."""
     if requested == "ulysses" and heads % world:
         raise AutoSPError(
             f"autosp: attention='ulysses' needs the query heads ({heads}) divisible by the "
             f"sequence-parallel degree {world}. Use attention='ring' or 'auto', or a degree "
             f"that divides {heads}."
         )
-    if requested == "ring" or (requested == "auto" and heads % world):
-        return "ring"
-    return "ulysses"
+    if requested in ("ulysses", "ring"):
+        return requested
+    if requested == "auto" and heads % world == 0:
+        return "ulysses"
+    if any(heads % size == 0 for size in hybrid_sizes):
+        return "hybrid"
+    return "ring"
 
 
 def shard_attention(sp: ShardingPass, node: Node) -> None:
@@ -72,9 +79,10 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
     recognised = sp.mask_overrides.get(node.name)
     if recognised is not None:
         mask, is_causal = None, recognised == "causal"
-    strategy = choose_strategy(sp.attention, heads, kv_heads, world, mask is not None)
-    if strategy == "ring" and (mask is not None or args["dropout_p"] or args["softcap"]):
-        raise UnsupportedOp("ring attention with a dense mask, dropout or soft-capping")
+    strategy = choose_strategy(sp.attention, heads, world, sorted(sp.group.hybrid))
+    blockwise = mask is not None or args["dropout_p"] or args["softcap"]
+    if strategy in ("ring", "hybrid") and blockwise:
+        raise UnsupportedOp(f"{strategy} attention with a dense mask, dropout or soft-capping")
     seq_dim = q_meta.dim() - 2
     q, k, v = (sp.shard(t, Shard(seq_dim)) for t in (query, key, value))
     if strategy == "ring":
@@ -82,6 +90,22 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
             ring_attention, q, k, v, is_causal, args["scale"], seq_len=sp.seq_len, group=sp.name
         )
         detail = f"{heads} heads not divisible by {world}" if heads % world else "requested"
+    elif strategy == "hybrid":
+        size = max(s for s in sp.group.hybrid if heads % s == 0)
+        ulysses_group, ring_group = sp.group.hybrid[size]
+        out = sp.call(
+            hybrid_attention,
+            q,
+            k,
+            v,
+            is_causal,
+            args["scale"],
+            seq_len=sp.seq_len,
+            ulysses_group=ulysses_group,
+            ring_group=ring_group,
+            kv_repeat=kv_repeat(heads, kv_heads, size),
+        )
+        detail = f"{heads} heads: Ulysses over {size} ranks, ring over {world // size}"
     else:
         if mask is not None and not isinstance(sp.placement(mask), Replicate):
             mask = sp.replicate(mask)
