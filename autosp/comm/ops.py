@@ -143,22 +143,23 @@ reduce_scatter.register_autograd(_reduce_scatter_backward, setup_context=_dim_gr
 # --------------------------------------------------------------------------- all_reduce
 
 
-@torch.library.custom_op("autosp::all_reduce", mutates_args=())
-def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
-    """Sum ``x`` over ranks; the backward sums the gradient over ranks too."""
-    _counts["all_reduce"] += 1
+def _sum_over_ranks(x: torch.Tensor, group: str, name: str) -> torch.Tensor:
+    _counts[name] += 1
     out = x.contiguous().clone()
     dist.all_reduce(out, group=_group(group))
     return out
+
+
+@torch.library.custom_op("autosp::all_reduce", mutates_args=())
+def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
+    """Sum ``x`` over ranks; the backward sums the gradient over ranks too."""
+    return _sum_over_ranks(x, group, "all_reduce")
 
 
 @torch.library.custom_op("autosp::all_reduce_loss", mutates_args=())
 def all_reduce_loss(x: torch.Tensor, group: str) -> torch.Tensor:
     """Sum ``x`` over ranks; identity backward (every rank seeds the same output gradient)."""
-    _counts["all_reduce_loss"] += 1
-    out = x.contiguous().clone()
-    dist.all_reduce(out, group=_group(group))
-    return out
+    return _sum_over_ranks(x, group, "all_reduce_loss")
 
 
 @all_reduce.register_fake

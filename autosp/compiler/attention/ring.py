@@ -23,6 +23,8 @@ non-causal attention masks keys at positions ``>= seq_len``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 
@@ -47,11 +49,12 @@ def _exchange(
 def _padding_bias(
     rows: int, k_block: int, seq_len: int, device: torch.device
 ) -> torch.Tensor | None:
-    """Additive fp32 bias hiding the padding keys of block ``k_block`` (None if it has none)."""
+    """Additive fp32 bias ``[1, rows]`` (broadcast over queries) hiding the padding keys of
+    block ``k_block``; None if it has none."""
     key_pos = k_block * rows + torch.arange(rows, device=device)
     if int(key_pos[-1]) < seq_len:
         return None
-    return torch.zeros(rows, rows, device=device).masked_fill(key_pos >= seq_len, float("-inf"))
+    return torch.zeros(1, rows, device=device).masked_fill(key_pos >= seq_len, float("-inf"))
 
 
 def _skip(q_block: int, k_block: int, causal: bool, rows: int, seq_len: int) -> bool:
@@ -69,6 +72,28 @@ def _block_bias(
     if causal:
         return None, q_block == k_block
     return _padding_bias(rows, k_block, seq_len, device), False
+
+
+def _ring_steps(
+    kv: list[torch.Tensor], pg: dist.ProcessGroup, is_causal: bool, seq_len: int
+) -> Iterator[tuple[bool, torch.Tensor | None, bool, list[torch.Tensor]]]:
+    """Rotate the key/value block ``kv`` around the ring; at each of the ``P`` steps yield
+    (whether this rank attends to the block it holds, its padding bias, whether it is the
+    causal diagonal, the block). The next block's send/recv runs while the caller computes."""
+    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+    rows = kv[0].shape[-2]
+    for step in range(world):
+        src = (rank - step) % world
+        pending = _exchange(kv, pg) if step < world - 1 else None
+        if _skip(rank, src, is_causal, rows, seq_len):
+            yield False, None, False, kv
+        else:
+            yield True, *_block_bias(rank, src, is_causal, rows, seq_len, kv[0].device), kv
+        if pending is not None:
+            received, works = pending
+            for work in works:
+                work.wait()
+            kv = received
 
 
 def _repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -161,25 +186,14 @@ def ring_attention_fwd(
     use_kernel: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention forward on ``[..., H, L, D]`` blocks: output and fp32 log-sum-exp."""
-    pg = _group(group)
-    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
-    heads, rows = q.shape[-3], q.shape[-2]
+    heads = q.shape[-3]
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-    kv = [k, v]
-    for step in range(world):
-        src = (rank - step) % world
-        pending = _exchange(kv, pg) if step < world - 1 else None
-        if not _skip(rank, src, is_causal, rows, seq_len):
-            bias, diagonal = _block_bias(rank, src, is_causal, rows, seq_len, q.device)
+    for needed, bias, diagonal, kv in _ring_steps([k, v], _group(group), is_causal, seq_len):
+        if needed:
             kh, vh = (_repeat_heads(t, heads) for t in kv)
             block = _block_forward(q, kh, vh, bias, diagonal, scale, use_kernel)
             out, lse = _merge(out, lse, *block)
-        if pending is not None:
-            received, works = pending
-            for work in works:
-                work.wait()
-            kv = received
     return out.to(q.dtype), lse
 
 
@@ -204,16 +218,11 @@ def ring_attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ring attention; key/value gradients return to their owner."""
     pg = _group(group)
-    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
-    heads, rows = q.shape[-3], q.shape[-2]
+    heads = q.shape[-3]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    kv = [k, v]
     dkv = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v)]
-    for step in range(world):
-        src = (rank - step) % world
-        pending = _exchange(kv, pg) if step < world - 1 else None
-        if not _skip(rank, src, is_causal, rows, seq_len):
-            bias, diagonal = _block_bias(rank, src, is_causal, rows, seq_len, q.device)
+    for needed, bias, diagonal, kv in _ring_steps([k, v], pg, is_causal, seq_len):
+        if needed:
             kh, vh = (_repeat_heads(t, heads) for t in kv)
             grads = _block_backward(
                 grad_out, q, kh, vh, out, lse, bias, diagonal, scale, use_kernel
@@ -222,14 +231,10 @@ def ring_attention_bwd(
             group_size = heads // kv[0].shape[-3]
             dk, dv = (g.unflatten(-3, (-1, group_size)).sum(-3) for g in grads[1:])
             dkv = [dkv[0] + dk, dkv[1] + dv]
-        dkv, dkv_works = _exchange(dkv, pg)
-        for work in dkv_works:
+        # The gradient of the block just used follows it to the next rank.
+        dkv, works = _exchange(dkv, pg)
+        for work in works:
             work.wait()
-        if pending is not None:
-            received, works = pending
-            for work in works:
-                work.wait()
-            kv = received
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
