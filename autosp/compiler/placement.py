@@ -29,8 +29,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass(frozen=True, slots=True)
 class Shard:
@@ -64,7 +62,3 @@ REPLICATE = Replicate()
 
 def normalize_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
-
-
-def is_tensor_meta(value: object) -> bool:
-    return isinstance(value, torch.Tensor)

@@ -18,7 +18,6 @@ rule that passes a size to an op on a sharded value rewrites it to the local siz
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +33,6 @@ from autosp.compiler import runtime
 from autosp.compiler.ops_table import op_name
 from autosp.compiler.placement import REPLICATE, Partial, Placement, Replicate, Shard
 from autosp.compiler.seqdims import SeqDim, seq_dims
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
