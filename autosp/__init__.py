@@ -1,8 +1,9 @@
 """autosp: automatic sequence parallelism for PyTorch training, as a torch.compile pass."""
 
-from autosp.api import Config, SequenceParallel, gather_sequence, parallelize
+from autosp.api import Config, SequenceParallel, parallelize
 from autosp.comm.ops import count_collectives
 from autosp.errors import AutoSPError, InputMismatchError
+from autosp.shards import gather_sequence
 
 __all__ = [
     "AutoSPError",

@@ -26,6 +26,7 @@ from autosp.compiler.masks import MaskPlan, recognise_masks
 from autosp.compiler.ops_table import ATTENTION, op_name
 from autosp.compiler.propagate import GroupInfo, Plan, ShardingPass, meta
 from autosp.errors import AutoSPError, InputMismatchError
+from autosp.shards import register_shard
 
 if TYPE_CHECKING:
     from autosp.api import Config
@@ -141,8 +142,6 @@ class Runner:
         compiled, plan = self._select(args)
         outputs = list(compiled(*args))
         seq_len = args[self.seq_index].shape[self.seq_dim]
-        from autosp.api import register_shard
-
         for out in plan.sharded_outputs:
             rows = runtime.valid_rows(seq_len, out.length, self.rank, self.world)
             trimmed = outputs[out.index].narrow(out.dim, 0, rows)

@@ -146,8 +146,9 @@ def _shard_of(out_dim: SeqDim, like: Shard) -> Shard:
 
 def _single_shard(sp: ShardingPass, node: Node) -> tuple[Node, Shard]:
     """The one sharded input of ``node`` (others must be replicated)."""
-    sharded = [a for a in tensor_args(node) if isinstance(sp.placement(a), Shard)]
-    partial = [a for a in tensor_args(node) if isinstance(sp.placement(a), Partial)]
+    inputs = tensor_args(node)
+    sharded = [a for a in inputs if isinstance(sp.placement(a), Shard)]
+    partial = [a for a in inputs if isinstance(sp.placement(a), Partial)]
     if len(sharded) != 1 or partial:
         raise UnsupportedOp("expected exactly one sequence-sharded input")
     return sharded[0], sp.placement(sharded[0])
