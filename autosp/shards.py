@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
+from autosp.compiler.runtime import block_len
 from autosp.errors import AutoSPError
 
 _SHARDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -16,13 +17,17 @@ _SHARDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 @dataclass(frozen=True, slots=True)
 class _ShardInfo:
     dim: int
+    seq_len: int
     length: int
     group: dist.ProcessGroup
 
 
-def register_shard(t: torch.Tensor, dim: int, length: int, group: dist.ProcessGroup) -> None:
-    """Remember that ``t`` is this rank's rows of a sequence of ``length`` along ``dim``."""
-    _SHARDS[t] = _ShardInfo(dim, length, group)
+def register_shard(
+    t: torch.Tensor, dim: int, seq_len: int, length: int, group: dist.ProcessGroup
+) -> None:
+    """Remember that ``t`` is this rank's valid rows along ``dim`` of an output of logical
+    length ``seq_len + length``, sharded like a token sequence of ``seq_len``."""
+    _SHARDS[t] = _ShardInfo(dim, seq_len, length, group)
 
 
 def gather_sequence(t: torch.Tensor) -> torch.Tensor:
@@ -37,15 +42,16 @@ def gather_sequence(t: torch.Tensor) -> torch.Tensor:
             "autosp: gather_sequence() got a tensor that is not a sequence-sharded output of a "
             "parallelized model (pass the output itself, e.g. out.logits, before other ops)."
         )
-    return _GatherRows.apply(t, info.dim, info.length, info.group)
+    return _GatherRows.apply(t, info.dim, info.seq_len, info.length, info.group)
 
 
 class _GatherRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t: torch.Tensor, dim: int, length: int, group: dist.ProcessGroup):  # noqa: ANN001, ANN205
+    def forward(ctx, t, dim, seq_len, length, group):  # noqa: ANN001, ANN205
         world = dist.get_world_size(group)
         rank = dist.get_rank(group)
-        block = -(-length // world)
+        block = block_len(seq_len, world)
+        length += seq_len
         ctx.dim, ctx.start, ctx.rows = dim, min(rank * block, length), t.shape[dim]
         padded = (
             torch.zeros_like(t.narrow(dim, 0, 1))
@@ -59,4 +65,4 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        return grad.narrow(ctx.dim, ctx.start, ctx.rows), None, None, None
+        return grad.narrow(ctx.dim, ctx.start, ctx.rows), None, None, None, None

@@ -71,7 +71,7 @@ def model_parity(
         out["loss"].backward()
         local_logits = out["logits"]
         full_logits = autosp.gather_sequence(local_logits)
-        block = -(-seq // world)
+        block = 2 * -(-seq // (2 * world))  # even blocks (Note [Placements and padding])
         results.append(
             {
                 "case": (batch, seq),
@@ -150,7 +150,7 @@ def count_step(family: str) -> list[dict[str, int]]:
 
 
 def ring_vs_full(
-    cases: list[tuple[int, int, int, bool]], use_kernel: bool
+    cases: list[tuple[int, int, int, bool]], use_kernel: bool, balance: bool = True
 ) -> list[dict[str, float]]:
     """Ring attention on this rank's padded block against full SDPA on the whole sequence,
     per (seq, heads, kv_heads, causal): max errors of output and of q/k/v gradients."""
@@ -172,7 +172,9 @@ def ring_vs_full(
         ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
         ref.backward(dout)
         local = [runtime.shard(t.detach(), 2, seq, rank, world).requires_grad_() for t in (q, k, v)]
-        out = ring_attention(*local, causal, None, seq_len=seq, group=group, use_kernel=use_kernel)
+        out = ring_attention(
+            *local, causal, None, seq_len=seq, group=group, use_kernel=use_kernel, balance=balance
+        )
         out.backward(runtime.shard(dout, 2, seq, rank, world))
         expected = [runtime.shard(t, 2, seq, rank, world) for t in (ref, q.grad, k.grad, v.grad)]
         rows = runtime.valid_rows(seq, 0, rank, world)

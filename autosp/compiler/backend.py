@@ -145,7 +145,7 @@ class Runner:
         for out in plan.sharded_outputs:
             rows = runtime.valid_rows(seq_len, out.length, self.rank, self.world)
             trimmed = outputs[out.index].narrow(out.dim, 0, rows)
-            register_shard(trimmed, out.dim, seq_len + out.length, self.group)
+            register_shard(trimmed, out.dim, seq_len, out.length, self.group)
             outputs[out.index] = trimmed
         return outputs
 

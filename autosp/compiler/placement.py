@@ -2,12 +2,15 @@
 
 Note [Placements and padding]
 -----------------------------
-The token sequence of length ``S`` is split into ``P`` contiguous blocks of ``L = ceil(S / P)``
-tokens; rank ``r`` holds tokens ``[r*L, (r+1)*L)``. The last blocks are padded so that every
-rank holds exactly ``L`` rows::
+The token sequence of length ``S`` is split into ``P`` contiguous blocks of
+``L = 2 * ceil(S / 2P)`` tokens; rank ``r`` holds tokens ``[r*L, (r+1)*L)``. The last blocks are
+padded so that every rank holds exactly ``L`` rows::
 
-    S = 10, P = 4, L = 3      rank:   0      1      2      3
-                              rows: [0 1 2][3 4 5][6 7 8][9 p p]    (p = padding)
+    S = 10, P = 3, L = 4      rank:    0         1         2
+                              rows: [0 1 2 3][4 5 6 7][8 9 p p]    (p = padding)
+
+``L`` is even so that a load-balanced causal ring (Note [Load balancing]) can split each block
+into two halves; that costs at most ``2P - 1`` padding rows in all.
 
 * ``Shard(dim)``: the local tensor is the full tensor's rows ``[r*L, (r+1)*L)`` along ``dim``,
   padded past the logical length. ``inner`` > 0 marks a dimension in which the sequence is

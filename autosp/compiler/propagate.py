@@ -203,7 +203,7 @@ class ShardingPass:
 
     @property
     def block_len(self) -> Node:
-        """The rows every rank holds, ``L = ceil(S / P)`` (one node, made on first use)."""
+        """The rows every rank holds, ``runtime.block_len`` (one node, made on first use)."""
         if self._block_len is None:
             self._block_len = self.call(runtime.block_len, self.seq_len, self.group.world)
         return self._block_len

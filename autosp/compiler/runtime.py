@@ -14,8 +14,9 @@ from autosp.comm import ops
 
 
 def block_len(seq_len: int, world: int) -> int:
-    """Tokens per rank: ``L = ceil(S / P)``."""
-    return (seq_len + world - 1) // world
+    """Tokens per rank: ``L = 2 * ceil(S / 2P)``, even so that a load-balanced ring can split
+    every block in halves (Note [Placements and padding])."""
+    return 2 * ((seq_len + 2 * world - 1) // (2 * world))
 
 
 def pad_dim(x: torch.Tensor, dim: int, size: int, value: float | bool = 0) -> torch.Tensor:

@@ -24,11 +24,13 @@ non-causal attention masks keys at positions ``>= seq_len``.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from autosp.comm.ops import _counts, _group
+from autosp.compiler.attention.load_balance import permute_chunks
 
 
 def _exchange(
@@ -46,6 +48,20 @@ def _exchange(
     return received, dist.batch_isend_irecv(ops)
 
 
+@dataclass(frozen=True, slots=True)
+class Block:
+    """One step's work: query rows ``q`` attend to rows ``kv`` of the block held, with an
+    additive ``bias`` (or None), ``diagonal`` marking a causal mask between equal positions."""
+
+    q: slice
+    kv: slice
+    diagonal: bool
+    bias: torch.Tensor | None = None
+
+
+ALL = slice(None)
+
+
 def _padding_bias(
     rows: int, k_block: int, seq_len: int, device: torch.device
 ) -> torch.Tensor | None:
@@ -57,38 +73,46 @@ def _padding_bias(
     return torch.zeros(1, rows, device=device).masked_fill(key_pos >= seq_len, float("-inf"))
 
 
-def _skip(q_block: int, k_block: int, causal: bool, rows: int, seq_len: int) -> bool:
-    """Blocks nobody needs: the future (causal) and blocks made only of padding keys."""
-    return (causal and k_block > q_block) or k_block * rows >= seq_len
-
-
-def _block_bias(
-    q_block: int, k_block: int, causal: bool, rows: int, seq_len: int, device: torch.device
-) -> tuple[torch.Tensor | None, bool]:
-    """The padding bias and whether this is the causal diagonal block.
-
-    Causal attention needs no padding bias: padding keys come after every real query.
-    """
+def _contiguous_block(
+    rank: int, src: int, causal: bool, rows: int, seq_len: int, device: torch.device
+) -> Block | None:
+    """Contiguous layout: skip the future (causal) and blocks made only of padding keys; mask
+    the diagonal (causal) or the padding keys (non-causal: causal attention needs no padding
+    bias, padding keys come after every real query)."""
+    if (causal and src > rank) or src * rows >= seq_len:
+        return None
     if causal:
-        return None, q_block == k_block
-    return _padding_bias(rows, k_block, seq_len, device), False
+        return Block(ALL, ALL, src == rank)
+    return Block(ALL, ALL, False, _padding_bias(rows, src, seq_len, device))
+
+
+def _zigzag_block(rank: int, src: int, rows: int) -> Block:
+    """Zigzag layout (causal only, Note [Load balancing]): rank ``r`` holds chunks ``r`` and
+    ``2P-1-r``. From an earlier rank's block every query sees its head chunk; from a later
+    one only the tail queries see it, wholly; the own block is causal."""
+    half = rows // 2
+    if src == rank:
+        return Block(ALL, ALL, True)
+    if src < rank:
+        return Block(ALL, slice(0, half), False)
+    return Block(slice(half, rows), ALL, False)
 
 
 def _ring_steps(
-    kv: list[torch.Tensor], pg: dist.ProcessGroup, is_causal: bool, seq_len: int
-) -> Iterator[tuple[bool, torch.Tensor | None, bool, list[torch.Tensor]]]:
+    kv: list[torch.Tensor], pg: dist.ProcessGroup, is_causal: bool, seq_len: int, zigzag: bool
+) -> Iterator[tuple[Block | None, list[torch.Tensor]]]:
     """Rotate the key/value block ``kv`` around the ring; at each of the ``P`` steps yield
-    (whether this rank attends to the block it holds, its padding bias, whether it is the
-    causal diagonal, the block). The next block's send/recv runs while the caller computes."""
+    the work this rank does on the block it holds (None: nothing) and the block. The next
+    block's send/recv runs while the caller computes."""
     rank, world = dist.get_rank(pg), dist.get_world_size(pg)
     rows = kv[0].shape[-2]
     for step in range(world):
         src = (rank - step) % world
         pending = _exchange(kv, pg) if step < world - 1 else None
-        if _skip(rank, src, is_causal, rows, seq_len):
-            yield False, None, False, kv
+        if zigzag:
+            yield _zigzag_block(rank, src, rows), kv
         else:
-            yield True, *_block_bias(rank, src, is_causal, rows, seq_len, kv[0].device), kv
+            yield _contiguous_block(rank, src, is_causal, rows, seq_len, kv[0].device), kv
         if pending is not None:
             received, works = pending
             for work in works:
@@ -184,21 +208,27 @@ def ring_attention_fwd(
     seq_len: int,
     group: str,
     use_kernel: bool,
+    zigzag: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention forward on ``[..., H, L, D]`` blocks: output and fp32 log-sum-exp."""
     heads = q.shape[-3]
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-    for needed, bias, diagonal, kv in _ring_steps([k, v], _group(group), is_causal, seq_len):
-        if needed:
-            kh, vh = (_repeat_heads(t, heads) for t in kv)
-            block = _block_forward(q, kh, vh, bias, diagonal, scale, use_kernel)
-            out, lse = _merge(out, lse, *block)
+    for block, kv in _ring_steps([k, v], _group(group), is_causal, seq_len, zigzag):
+        if block is None:
+            continue
+        kh, vh = (_repeat_heads(t[..., block.kv, :], heads) for t in kv)
+        result = _block_forward(
+            q[..., block.q, :], kh, vh, block.bias, block.diagonal, scale, use_kernel
+        )
+        out[..., block.q, :], lse[..., block.q] = _merge(
+            out[..., block.q, :], lse[..., block.q], *result
+        )
     return out.to(q.dtype), lse
 
 
 @ring_attention_fwd.register_fake
-def _(q, k, v, is_causal, scale, seq_len, group, use_kernel):  # noqa: ANN001, ANN202
+def _(q, k, v, is_causal, scale, seq_len, group, use_kernel, zigzag):  # noqa: ANN001, ANN202
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -215,22 +245,33 @@ def ring_attention_bwd(
     seq_len: int,
     group: str,
     use_kernel: bool,
+    zigzag: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ring attention; key/value gradients return to their owner."""
     pg = _group(group)
     heads = q.shape[-3]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dkv = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v)]
-    for needed, bias, diagonal, kv in _ring_steps([k, v], pg, is_causal, seq_len):
-        if needed:
-            kh, vh = (_repeat_heads(t, heads) for t in kv)
+    for block, kv in _ring_steps([k, v], pg, is_causal, seq_len, zigzag):
+        if block is not None:
+            kh, vh = (_repeat_heads(t[..., block.kv, :], heads) for t in kv)
+            rows = block.q
             grads = _block_backward(
-                grad_out, q, kh, vh, out, lse, bias, diagonal, scale, use_kernel
+                grad_out[..., rows, :],
+                q[..., rows, :],
+                kh,
+                vh,
+                out[..., rows, :],
+                lse[..., rows],
+                block.bias,
+                block.diagonal,
+                scale,
+                use_kernel,
             )
-            dq += grads[0]
+            dq[..., rows, :] += grads[0]
             group_size = heads // kv[0].shape[-3]
-            dk, dv = (g.unflatten(-3, (-1, group_size)).sum(-3) for g in grads[1:])
-            dkv = [dkv[0] + dk, dkv[1] + dv]
+            for acc, grad in zip(dkv, grads[1:], strict=True):
+                acc[..., block.kv, :] += grad.unflatten(-3, (-1, group_size)).sum(-3)
         # The gradient of the block just used follows it to the next rank.
         dkv, works = _exchange(dkv, pg)
         for work in works:
@@ -239,32 +280,20 @@ def ring_attention_bwd(
 
 
 @ring_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, is_causal, scale, seq_len, group, use_kernel):  # noqa: ANN001, ANN202
+def _(grad_out, q, k, v, out, lse, is_causal, scale, seq_len, group, use_kernel, zigzag):  # noqa: ANN001, ANN202
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    q, k, v, ctx.is_causal, ctx.scale, ctx.seq_len, ctx.group, ctx.use_kernel = inputs
+    q, k, v, *ctx.options = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
 
 
 def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor):  # noqa: ANN001, ANN202
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = ring_attention_bwd(
-        grad_out,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        ctx.is_causal,
-        ctx.scale,
-        ctx.seq_len,
-        ctx.group,
-        ctx.use_kernel,
-    )
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = ring_attention_bwd(grad_out, q, k, v, out, lse, *ctx.options)
+    return dq, dk, dv, *(None for _ in ctx.options)
 
 
 ring_attention_fwd.register_autograd(_backward, setup_context=_setup)
@@ -280,10 +309,18 @@ def ring_attention(
     seq_len: int,
     group: str,
     use_kernel: bool | None = None,
+    balance: bool = True,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` on sequence-sharded ``[..., H, L, D]`` inputs, by
-    passing key/value blocks around the ring (Note [Ring attention])."""
+    passing key/value blocks around the ring (Note [Ring attention]); causal attention on
+    even blocks is load-balanced unless ``balance`` is False (Note [Load balancing])."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     use_kernel = query.device.type == "cpu" if use_kernel is None else use_kernel
-    out, _ = ring_attention_fwd(query, key, value, is_causal, scale, seq_len, group, use_kernel)
-    return out
+    zigzag = balance and is_causal and query.shape[-2] % 2 == 0
+    seq_dim = query.dim() - 2
+    if zigzag:
+        query, key, value = (permute_chunks(t, seq_dim, group, True) for t in (query, key, value))
+    out, _ = ring_attention_fwd(
+        query, key, value, is_causal, scale, seq_len, group, use_kernel, zigzag
+    )
+    return permute_chunks(out, seq_dim, group, False) if zigzag else out
