@@ -188,12 +188,13 @@ def ring_vs_full(
 
 
 def family_parity(names: list[str], seq: int) -> dict[str, dict]:
-    """``parity`` of several ``tests.models.EXTRA`` families in one group, batch 1."""
-    from tests.models import EXTRA
+    """``parity`` of several ``tests.models`` FAMILIES or EXTRA families in one group,
+    batch 1."""
+    from tests.models import EXTRA, FAMILIES
 
     results = {}
     for name in names:
-        factory, extra_inputs = EXTRA[name]
+        factory, extra_inputs = EXTRA.get(name) or (FAMILIES[name], None)
         torch.manual_seed(0)
         (result,) = model_parity(factory(), [(1, seq)], {"backend": "aot_eager"}, extra_inputs)
         results[name] = result

@@ -76,6 +76,17 @@ def gather(
     return full.narrow(dim, 0, seq_len + length)
 
 
+def mask_rows(mask: torch.Tensor, seq_len: int, first: int, rows: int, total: int) -> torch.Tensor:
+    """Query rows ``[first, first + rows)`` of an ``[..., S, S]`` attention mask (boolean,
+    True = attend, or additive) padded to ``total`` positions: padding keys are hidden, padding
+    queries see every key (no empty softmax row). A mask of one row (the same for every query)
+    stays one row."""
+    allow, hide = (True, False) if mask.dtype == torch.bool else (0.0, float("-inf"))
+    if mask.shape[-2] != 1:
+        mask = pad_dim(mask, -2, total, allow).narrow(-2, first, rows)
+    return pad_dim(mask, -1, total, hide)
+
+
 def full_size(x: torch.Tensor, dim: int, seq_len: int, world: int, inner: int, length: int) -> int:
     """The single-process size of dimension ``dim`` of a sharded value."""
     if not inner:

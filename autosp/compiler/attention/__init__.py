@@ -16,7 +16,7 @@ from torch.fx import Node
 from autosp.compiler.attention.hybrid import hybrid_attention
 from autosp.compiler.attention.ring import ring_attention
 from autosp.compiler.attention.ulysses import ulysses_attention
-from autosp.compiler.placement import Replicate, Shard
+from autosp.compiler.placement import Shard
 from autosp.compiler.propagate import ShardingPass, UnsupportedOp, meta
 from autosp.compiler.seqdims import hint
 from autosp.errors import AutoSPError
@@ -80,14 +80,16 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
     if recognised is not None:
         mask, is_causal = None, recognised == "causal"
     strategy = choose_strategy(sp.attention, heads, world, sorted(sp.group.hybrid))
-    blockwise = mask is not None or args["dropout_p"] or args["softcap"]
-    if strategy in ("ring", "hybrid") and blockwise:
-        raise UnsupportedOp(f"{strategy} attention with a dense mask, dropout or soft-capping")
+    if strategy in ("ring", "hybrid") and args["dropout_p"]:
+        raise UnsupportedOp(f"{strategy} attention with dropout")
+    if mask is not None:
+        mask = sp.replicate(mask)
     seq_dim = q_meta.dim() - 2
     q, k, v = (sp.shard(t, Shard(seq_dim)) for t in (query, key, value))
+    ring_options = {"mask": mask, "softcap": args["softcap"], "seq_len": sp.seq_len}
     if strategy == "ring":
         out = sp.call(
-            ring_attention, q, k, v, is_causal, args["scale"], seq_len=sp.seq_len, group=sp.name
+            ring_attention, q, k, v, is_causal, args["scale"], group=sp.name, **ring_options
         )
         detail = f"{heads} heads not divisible by {world}" if heads % world else "requested"
     elif strategy == "hybrid":
@@ -100,17 +102,13 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
             v,
             is_causal,
             args["scale"],
-            seq_len=sp.seq_len,
             ulysses_group=ulysses_group,
             ring_group=ring_group,
             kv_repeat=kv_repeat(heads, kv_heads, size),
+            **ring_options,
         )
         detail = f"{heads} heads: Ulysses over {size} ranks, ring over {world // size}"
     else:
-        if mask is not None and not isinstance(sp.placement(mask), Replicate):
-            mask = sp.replicate(mask)
-        elif mask is not None:
-            mask = sp.env[mask]
         repeat = kv_repeat(heads, kv_heads, world)
         out = sp.call(
             ulysses_attention,
@@ -132,8 +130,8 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
         detail = f"{heads} heads, {kv_heads} kv heads"
         if repeat > 1:
             detail += f" (each kv head sent to {repeat} ranks)"
-        if args["softcap"]:
-            detail += f", soft-cap {args['softcap']:g}"
+    if args["softcap"]:
+        detail += f", soft-cap {args['softcap']:g}"
     sp.env[node] = out
     sp.placements[node] = Shard(seq_dim)
     mask_kind = "causal" if is_causal else ("dense mask" if mask is not None else "no mask")

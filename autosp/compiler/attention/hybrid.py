@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from autosp.comm import ops
+from autosp.comm.ops import _group
 from autosp.compiler.attention.ring import ring_attention
 
 
@@ -45,12 +46,20 @@ def hybrid_attention(
     seq_len: int,
     ulysses_group: str,
     ring_group: str,
+    mask: torch.Tensor | None = None,
+    softcap: float = 0.0,
     kv_repeat: int = 1,
 ) -> torch.Tensor:
-    """Attention on sequence-sharded ``[..., H, L, D]`` inputs (Note [Hybrid])."""
+    """Attention on sequence-sharded ``[..., H, L, D]`` inputs (Note [Hybrid]); ``mask`` is
+    the whole ``[..., S, S]`` mask, or None."""
     head_dim, seq_dim = query.dim() - 3, query.dim() - 2
     if kv_repeat > 1:
         key, value = (t.repeat_interleave(kv_repeat, dim=head_dim) for t in (key, value))
     q, k, v = (ops.all_to_all(t, head_dim, seq_dim, ulysses_group) for t in (query, key, value))
-    out = ring_attention(q, k, v, is_causal, scale, seq_len=seq_len, group=ring_group)
+    if mask is not None and mask.dim() >= 3 and mask.shape[-3] > 1:
+        heads = q.shape[head_dim]
+        mask = mask.narrow(-3, dist.get_rank(_group(ulysses_group)) * heads, heads)
+    out = ring_attention(
+        q, k, v, is_causal, scale, seq_len=seq_len, group=ring_group, mask=mask, softcap=softcap
+    )
     return ops.all_to_all(out, seq_dim, head_dim, ulysses_group)

@@ -38,25 +38,17 @@ def _attention_mask(
     head_start: int,
     heads: int,
     is_causal: bool,
+    device: torch.device,
 ) -> torch.Tensor | None:
-    """The whole-sequence mask for this rank's heads, padded to ``padded`` rows and columns.
-
-    Padding keys are hidden from every real query; padding queries see everything, so that no
-    row of the softmax is empty.
-    """
+    """The whole-sequence mask for this rank's heads, padded to ``padded`` rows and columns
+    (``runtime.mask_rows``); without a mask, non-causal attention still hides padding keys."""
     if mask is None and is_causal:
         return None
-    key_valid = torch.arange(padded, device=mask.device if mask is not None else None) < seq_len
     if mask is None:
-        return key_valid.unsqueeze(0)
+        return (torch.arange(padded, device=device) < seq_len).unsqueeze(0)
     if mask.dim() >= 3 and mask.shape[-3] > 1:
         mask = mask.narrow(-3, head_start, heads)
-    query_pad = ~key_valid.unsqueeze(-1)
-    if mask.dtype == torch.bool:
-        mask = runtime.pad_dim(runtime.pad_dim(mask, -1, padded, False), -2, padded, True)
-        return (mask & key_valid) | query_pad
-    mask = runtime.pad_dim(runtime.pad_dim(mask, -1, padded, float("-inf")), -2, padded, 0.0)
-    return mask.masked_fill(query_pad, 0.0)
+    return runtime.mask_rows(mask, seq_len, 0, padded, padded)
 
 
 def ulysses_attention(
@@ -87,7 +79,7 @@ def ulysses_attention(
     q, k, v = (ops.all_to_all(t, head_dim, seq_dim, group) for t in (query, key, value))
     heads = q.shape[head_dim]
     padded = q.shape[seq_dim]
-    mask = _attention_mask(attn_mask, seq_len, padded, rank * heads, heads, is_causal)
+    mask = _attention_mask(attn_mask, seq_len, padded, rank * heads, heads, is_causal, q.device)
     kernel = F.scaled_dot_product_attention
     if softcap:
         kernel = functools.partial(softcapped_attention, softcap=softcap)
