@@ -43,6 +43,9 @@ class Config:
     ``"hybrid"`` (Ulysses over the largest degree dividing the heads, ring across), or
     ``"auto"``: Ulysses where the heads allow it, else hybrid, else ring. ``model.plans``
     shows the choice for each attention call."""
+    load_balance: bool = True
+    """Run causal ring attention in the zigzag layout, where every rank does the same work
+    (one extra all-to-all per tensor); False keeps the contiguous layout, for comparison."""
     recognise_masks: bool = True
     """Run attention masks that are causal for plain positions as ``is_causal`` (guarded at run
     time); False keeps every mask the model builds (S x S memory), for comparison."""

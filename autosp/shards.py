@@ -53,11 +53,7 @@ class _GatherRows(torch.autograd.Function):
         block = block_len(seq_len, world)
         length += seq_len
         ctx.dim, ctx.start, ctx.rows = dim, min(rank * block, length), t.shape[dim]
-        padded = (
-            torch.zeros_like(t.narrow(dim, 0, 1))
-            .expand(*[block if d == dim else s for d, s in enumerate(t.shape)])
-            .contiguous()
-        )
+        padded = t.new_zeros([block if d == dim else n for d, n in enumerate(t.shape)])
         padded.narrow(dim, 0, t.shape[dim]).copy_(t)
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded, group=group)

@@ -25,12 +25,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 CONFIGS = [
-    # (strategy, seq_len, recognise_masks)
-    ("ulysses", 8192, True),
-    ("ring", 8192, True),
-    ("ulysses", 32768, True),
-    ("ring", 32768, True),
-    ("ulysses", 32768, False),
+    # (ranks, strategy, seq_len, recognise_masks, load_balance)
+    (2, "ulysses", 8192, True, True),
+    (2, "ring", 8192, True, True),
+    (2, "ring", 8192, True, False),
+    (2, "ulysses", 32768, True, True),
+    (2, "ring", 32768, True, True),
+    (2, "ring", 32768, True, False),
+    (2, "ulysses", 32768, False, True),
+    (2, "ring", 32768, False, True),
+    # Hybrid needs at least 4 ranks (Ulysses over 2 x ring over 2): on 2 cores, 8k tokens.
+    (4, "ulysses", 8192, True, True),
+    (4, "hybrid", 8192, True, True),
+    (4, "ring", 8192, True, True),
 ]
 
 
@@ -50,6 +57,7 @@ def _run(rank: int, world: int, port: int, cfg: dict[str, Any], queue: Any) -> N
         backend=cfg["backend"],
         attention=cfg["strategy"],
         recognise_masks=cfg["recognise_masks"],
+        load_balance=cfg["load_balance"],
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, 256, (1, cfg["seq_len"]), generator=torch.Generator().manual_seed(0))
@@ -97,23 +105,24 @@ def run_config(cfg: dict[str, Any], world: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--backend", default="aot_eager")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     results = []
-    for strategy, seq_len, recognise in CONFIGS:
+    for world, strategy, seq_len, recognise, balance in CONFIGS:
         cfg = {
+            "world": world,
             "strategy": strategy,
             "seq_len": seq_len,
             "recognise_masks": recognise,
+            "load_balance": balance,
             "model": args.model,
             "backend": args.backend,
             "steps": args.steps,
         }
-        result = run_config(cfg, args.world)
+        result = run_config(cfg, world)
         print(json.dumps(result), flush=True)
         results.append(result)
     import transformers
@@ -128,17 +137,21 @@ def main() -> None:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
-        "world": args.world,
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print("| strategy | tokens | causal mask | step (s) | peak RSS per rank (MiB) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| ranks | strategy | tokens | causal mask | step (s) | peak RSS per rank (MiB) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in results:
         mask = "recognised (is_causal)" if r["recognise_masks"] else "dense S x S"
+        strategy = r["strategy"]
+        if strategy != "ulysses" and r["recognise_masks"]:
+            strategy += " (zigzag)" if r["load_balance"] else " (contiguous)"
         peak = " / ".join(str(m) for m in r["peak_rss_mib_per_rank"])
-        print(f"| {r['strategy']} | {r['seq_len']} | {mask} | {r['step_s']:.2f} | {peak} |")
+        print(
+            f"| {r['world']} | {strategy} | {r['seq_len']} | {mask} | {r['step_s']:.2f} | {peak} |"
+        )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from tests.workers import spec_parity
 LOSS_TOL = 1e-5
 GRAD_TOL = 1e-4
 LOGITS_TOL = 1e-5
-CASES = [(1, 13), (2, 16)]
+CASES = [(2, 13)]  # batch 2, a length no degree here divides
 
 SPECS = {
     # 6 heads at SP=4: hybrid (Ulysses over 2, ring over 2) chosen automatically; or ring.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any
 
 import torch
@@ -149,31 +150,54 @@ def count_step(family: str) -> list[dict[str, int]]:
     return counts
 
 
-def ring_vs_full(
-    cases: list[tuple[int, int, int, bool]], use_kernel: bool, balance: bool = True
-) -> list[dict[str, float]]:
-    """Ring attention on this rank's padded block against full SDPA on the whole sequence,
-    per (seq, heads, kv_heads, causal): max errors of output and of q/k/v gradients."""
-    import torch.nn.functional as F
+def _ring_mask(kind: str, seq: int) -> torch.Tensor | None:
+    """``window``: causal sliding window of 3 (boolean, whole blocks hidden); ``documents``:
+    two documents as an additive mask, bidirectional inside each."""
+    q, k = torch.arange(seq).unsqueeze(1), torch.arange(seq)
+    if kind == "window":
+        return ((k <= q) & (q - k < 3)).view(1, 1, seq, seq)
+    if kind == "documents":
+        doc = torch.arange(seq) >= seq // 2
+        same = doc.unsqueeze(1) == doc
+        return torch.zeros(seq, seq).masked_fill(~same, float("-inf")).view(1, 1, seq, seq)
+    return None
 
+
+def ring_vs_full(cases: list[tuple]) -> dict[tuple, dict[str, float]]:
+    """Ring attention on this rank's padded block against full attention on the whole sequence,
+    per (seq, heads, kv_heads, causal, mask kind, soft-cap) on the CPU flash kernel and in fp32
+    math, load-balanced and not: max errors of output and of q/k/v gradients."""
     from autosp.comm.ops import _group  # noqa: F401 - the group name resolves through it
     from autosp.compiler import runtime
+    from autosp.compiler.attention.reference import softcapped_attention
     from autosp.compiler.attention.ring import ring_attention
 
     rank, world = dist.get_rank(), dist.get_world_size()
     group = dist.group.WORLD.group_name
-    results = []
-    for seq, heads, kv_heads, causal in cases:
+    results = {}
+    variants = itertools.product(cases, (True, False), (True, False))
+    for (seq, heads, kv_heads, causal, mask_kind, softcap), use_kernel, balance in variants:
         gen = torch.Generator().manual_seed(seq * 31 + heads)
         q = torch.randn(2, heads, seq, 8, generator=gen, requires_grad=True)
         k = torch.randn(2, kv_heads, seq, 8, generator=gen, requires_grad=True)
         v = torch.randn(2, kv_heads, seq, 8, generator=gen, requires_grad=True)
         dout = torch.randn(2, heads, seq, 8, generator=gen)
-        ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        mask = _ring_mask(mask_kind, seq)
+        ref = softcapped_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True, softcap=softcap
+        )
         ref.backward(dout)
         local = [runtime.shard(t.detach(), 2, seq, rank, world).requires_grad_() for t in (q, k, v)]
         out = ring_attention(
-            *local, causal, None, seq_len=seq, group=group, use_kernel=use_kernel, balance=balance
+            *local,
+            causal,
+            None,
+            seq_len=seq,
+            group=group,
+            mask=mask,
+            softcap=softcap,
+            use_kernel=use_kernel,
+            balance=balance,
         )
         out.backward(runtime.shard(dout, 2, seq, rank, world))
         expected = [runtime.shard(t, 2, seq, rank, world) for t in (ref, q.grad, k.grad, v.grad)]
@@ -183,7 +207,8 @@ def ring_vs_full(
             (a - b).narrow(2, 0, rows).abs().max().item() if rows else 0.0
             for a, b in zip(got, expected, strict=True)
         ]
-        results.append(dict(zip(("out", "dq", "dk", "dv"), errors, strict=True)))
+        key = (seq, heads, kv_heads, causal, mask_kind, softcap, use_kernel, balance)
+        results[key] = dict(zip(("out", "dq", "dk", "dv"), errors, strict=True))
     return results
 
 

@@ -197,7 +197,13 @@ class AutoSPBackend:
 
         def compile_graph(masks: MaskPlan) -> tuple[Callable[..., Any], Plan]:
             local_gm, plan = ShardingPass(
-                gm, group, syms, source, masks.masks, self.config.attention
+                gm,
+                group,
+                syms,
+                source,
+                masks.masks,
+                self.config.attention,
+                self.config.load_balance,
             ).run()
             logger.debug("autosp rank-local graph:\n%s", local_gm.code)
             for line in plan.attention + plan.loss:

@@ -95,9 +95,11 @@ class ShardingPass:
         seq_source: tuple[str, int],
         mask_overrides: dict[str, str] | None = None,
         attention: str = "auto",
+        load_balance: bool = True,
     ) -> None:
         self.gm = gm
         self.attention = attention
+        self.load_balance = load_balance
         self.mask_overrides = mask_overrides or {}
         self.group = group
         self.syms = seq_syms

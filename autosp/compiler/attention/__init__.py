@@ -86,7 +86,12 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
         mask = sp.replicate(mask)
     seq_dim = q_meta.dim() - 2
     q, k, v = (sp.shard(t, Shard(seq_dim)) for t in (query, key, value))
-    ring_options = {"mask": mask, "softcap": args["softcap"], "seq_len": sp.seq_len}
+    ring_options = {
+        "mask": mask,
+        "softcap": args["softcap"],
+        "seq_len": sp.seq_len,
+        "balance": sp.load_balance,
+    }
     if strategy == "ring":
         out = sp.call(
             ring_attention, q, k, v, is_causal, args["scale"], group=sp.name, **ring_options
@@ -137,4 +142,6 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
     mask_kind = "causal" if is_causal else ("dense mask" if mask is not None else "no mask")
     if recognised is not None:
         mask_kind += ", recognised from the mask's graph"
+    if strategy != "ulysses" and is_causal and mask is None and sp.load_balance:
+        mask_kind += ", zigzag load balancing"
     sp.plan.attention.append(f"{node.name}: {strategy} ({detail}; {mask_kind})")

@@ -49,6 +49,7 @@ def hybrid_attention(
     mask: torch.Tensor | None = None,
     softcap: float = 0.0,
     kv_repeat: int = 1,
+    balance: bool = True,
 ) -> torch.Tensor:
     """Attention on sequence-sharded ``[..., H, L, D]`` inputs (Note [Hybrid]); ``mask`` is
     the whole ``[..., S, S]`` mask, or None."""
@@ -60,6 +61,15 @@ def hybrid_attention(
         heads = q.shape[head_dim]
         mask = mask.narrow(-3, dist.get_rank(_group(ulysses_group)) * heads, heads)
     out = ring_attention(
-        q, k, v, is_causal, scale, seq_len=seq_len, group=ring_group, mask=mask, softcap=softcap
+        q,
+        k,
+        v,
+        is_causal,
+        scale,
+        seq_len=seq_len,
+        group=ring_group,
+        mask=mask,
+        softcap=softcap,
+        balance=balance,
     )
     return ops.all_to_all(out, seq_dim, head_dim, ulysses_group)
