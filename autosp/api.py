@@ -125,10 +125,17 @@ class SequenceParallel(nn.Module):
                 raise err.inner_exception.with_traceback(None) from None
             raise
         except torch._dynamo.exc.Unsupported as err:
+            hint = ""
+            if "flex_attention" in str(err):
+                hint = (
+                    " The break is in FlexAttention's block-mask construction: load the model "
+                    "with attn_implementation='sdpa' or 'eager' (autosp recognises the same "
+                    "masks there)."
+                )
             raise AutoSPError(
                 "autosp: the model's forward could not be captured as one graph "
                 f"({type(err).__name__}: {str(err).splitlines()[0]}). autosp needs the whole "
-                "forward in one graph; remove the graph break (see TORCH_LOGS=graph_breaks)."
+                "forward in one graph; remove the graph break (see TORCH_LOGS=graph_breaks)." + hint
             ) from err
         if kwargs.get("labels") is not None and _loss_of(out) is None:
             raise AutoSPError(

@@ -267,6 +267,32 @@ EXTRA: dict[str, tuple[Callable[[], nn.Module], Callable[..., dict] | None]] = {
         ),
         None,
     ),
+    # A window longer than the lengths a mask is first probed at (5, 8), shorter than the
+    # sequence: it must not be taken for a causal mask.
+    "mistral_window_10": (
+        _hf(
+            "MistralConfig",
+            "MistralForCausalLM",
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=10,
+            **COMMON,
+        ),
+        None,
+    ),
+    # 6 heads (head_dim 16) with a window: hybrid at SP=4 with a structured mask.
+    "mistral_window_6_heads": (
+        _hf(
+            "MistralConfig",
+            "MistralForCausalLM",
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=4,
+            **COMMON,
+        ),
+        None,
+    ),
     "llama_packed": (HF_FAMILIES["llama"], _packed_positions),
     "bert_padding": (
         _hf(

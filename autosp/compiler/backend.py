@@ -113,7 +113,7 @@ class Runner:
         self.compile_graph = compile_graph
         self.masks = masks
         self.primary = compile_graph(masks)
-        self.dense: tuple[Callable[..., Any], Plan] | None = None
+        self.fallback: tuple[Callable[..., Any], Plan] | None = None
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
@@ -125,15 +125,16 @@ class Runner:
     def _select(self, args: Sequence[Any]) -> tuple[Callable[..., Any], Plan]:
         if all(guard.holds(args[guard.index]) for guard in self.masks.guards):
             return self.primary
-        if self.dense is None:
+        if self.fallback is None:
             names = ", ".join(self.inputs[g.index] for g in self.masks.guards)
             logger.warning(
                 "autosp: inputs %s are not plain positions/all-ones, so the attention mask is "
-                "not causal; compiling a graph that keeps the model's mask",
+                "not causal; compiling a graph for such inputs (structured masks where "
+                "recognised, else the model's own mask)",
                 names,
             )
-            self.dense = self.compile_graph(MaskPlan({}, ()))
-        return self.dense
+            self.fallback = self.compile_graph(self.masks.fallback or MaskPlan({}, ()))
+        return self.fallback
 
     def __call__(self, *args: Any) -> Any:
         if self.check_inputs:

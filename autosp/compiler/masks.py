@@ -1,4 +1,4 @@
-"""Recognising attention masks that are causal, so that no S x S mask is ever built.
+"""Recognising attention masks, so that no S x S mask is ever built.
 
 Note [Mask probing]
 -------------------
@@ -12,7 +12,18 @@ assignment the result is exactly ``tril(ones(n, n))`` at both lengths, the atten
 
 That conclusion holds for the candidate inputs, so it is guarded: before each call the runner
 checks (in O(B*S)) that those inputs still have the candidate values, and otherwise runs a
-second compiled graph that keeps the mask (exact, more memory).
+second compiled graph.
+
+The mask may also be structured (Note [Structured masks]): sliding windows, documents packed
+by restarting positions, key padding. Those are found by evaluating the subgraph on sampled
+inputs (each token input tried as positions, packed at random cut points, or as a random 0/1
+padding mask) and comparing with every spec built from the rules and the subgraph's integer
+constants (window candidates). A spec is a function of the inputs, so it needs no guard; it is
+used where the causal verdict is not (its guard failed, or the mask is not causal). A mask
+that is neither runs as the model builds it.
+
+Probe lengths include one above every integer constant of the subgraph: a window of 4096
+looks causal at length 8. A subgraph with a constant above ``MAX_PROBE`` is not recognised.
 """
 
 from __future__ import annotations
@@ -25,7 +36,9 @@ from typing import Any
 import sympy
 import torch
 from torch.fx import Graph, GraphModule, Node
+from torch.utils import _pytree as pytree
 
+from autosp.compiler.attention.mask_spec import MaskSpec, allowed, document_ids
 from autosp.compiler.ops_table import ATTENTION, op_name
 from autosp.compiler.propagate import meta
 
@@ -33,6 +46,12 @@ logger = logging.getLogger(__name__)
 
 PROBE_LENGTHS = (5, 8)
 """Small sequence lengths at which masks are evaluated; two, so that no size coincides."""
+
+MAX_PROBE = 8192
+"""The longest probe length (an ``n x n`` mask is built per trial)."""
+
+TRIALS = 3
+"""Sampled inputs per probe length when matching a structured mask."""
 
 CANDIDATES = ("arange", "ones")
 
@@ -56,10 +75,12 @@ class InputGuard:
 
 @dataclass(frozen=True, slots=True)
 class MaskPlan:
-    """For each recognised attention node: its replacement (``"causal"`` or ``"none"``)."""
+    """For each recognised attention node: its replacement (``"causal"``, ``"none"`` or a
+    ``MaskSpec``), the guards of the causal verdicts, and the plan used when they fail."""
 
-    masks: dict[str, str]
+    masks: dict[str, str | MaskSpec]
     guards: tuple[InputGuard, ...]
+    fallback: MaskPlan | None = None
 
 
 def _candidate(kind: str, shape: list[int], dim: int | None, dtype: torch.dtype) -> torch.Tensor:
@@ -91,64 +112,180 @@ def _subgraph(mask: Node) -> tuple[GraphModule, list[Node]]:
     return GraphModule(torch.nn.Module(), graph), inputs
 
 
-def _is_causal(result: Any, n: int) -> bool | None:
-    """True if ``result`` is a causal mask of ``n`` rows, False if it masks nothing, else None."""
+def _allowed(result: Any, n: int) -> torch.Tensor | None:
+    """A mask result as booleans (True = attend); None unless it is an ``[..., n, n]`` boolean
+    or 0 / -inf additive mask."""
     if not isinstance(result, torch.Tensor) or result.dim() < 2:
         return None
     if tuple(result.shape[-2:]) != (n, n):
         return None
-    allowed = result if result.dtype == torch.bool else result > torch.finfo(result.dtype).min / 2
-    if result.dtype != torch.bool and not bool(((result == 0) | ~allowed).all()):
+    if result.dtype == torch.bool:
+        return result
+    ok = result > torch.finfo(result.dtype).min / 2
+    return ok if bool(((result == 0) | ~ok).all()) else None
+
+
+def _is_causal(result: Any, n: int) -> bool | None:
+    """True if ``result`` is a causal mask of ``n`` rows, False if it masks nothing, else None."""
+    ok = _allowed(result, n)
+    if ok is None:
         return None
-    tril = torch.ones(n, n, dtype=torch.bool).tril()
-    if bool((allowed == tril).all()):
+    if bool((ok == torch.ones(n, n, dtype=torch.bool).tril()).all()):
         return True
-    if bool(allowed.all()):
+    if bool(ok.all()):
         return False
     return None
 
 
-def _probe(
-    sub: GraphModule,
-    inputs: list[Node],
-    example_inputs: list[Any],
-    positions: dict[Node, int],
-    syms: frozenset[sympy.Symbol],
-    seq_dims: dict[Node, int],
-) -> tuple[str, tuple[InputGuard, ...]] | None:
+class _Evaluator:
+    """Evaluates a mask subgraph at a length ``n`` with given values for its token inputs."""
+
+    def __init__(
+        self,
+        sub: GraphModule,
+        inputs: list[Node],
+        example_inputs: list[Any],
+        positions: dict[Node, int],
+        syms: frozenset[sympy.Symbol],
+    ) -> None:
+        self.sub, self.inputs, self.syms = sub, inputs, syms
+        self.fixed = {p: example_inputs[positions[p]] for p in inputs}
+
+    def shape(self, p: Node, n: int) -> list[int]:
+        return [n if _is_seq(s, self.syms) else _hint(s) for s in meta(p).shape]
+
+    def __call__(self, n: int, values: dict[Node, torch.Tensor]) -> torch.Tensor | None:
+        args = []
+        for p in self.inputs:
+            value = meta(p)
+            if isinstance(value, torch.SymInt):
+                args.append(n if value.node.expr in self.syms else value.node.hint)
+            elif p in values:
+                args.append(values[p])
+            elif isinstance(value, torch.Tensor) and any(
+                _is_seq(s, self.syms) for s in value.shape
+            ):
+                return None
+            else:
+                args.append(self.fixed[p])
+        try:
+            with torch.no_grad():
+                return _allowed(self.sub(*args), n)
+        except Exception as err:  # noqa: BLE001 - any failure means "not recognised"
+            logger.debug("mask probe failed: %s", err)
+            return None
+
+
+def _probe_causal(
+    evaluate: _Evaluator, tokens: dict[Node, int], lengths: tuple[int, ...]
+) -> tuple[str, dict[Node, str]] | None:
     """Evaluate the mask for candidate values of its token inputs (Note [Mask probing])."""
-    tokens = [p for p in inputs if p in seq_dims]
     for kinds in itertools.product(CANDIDATES, repeat=len(tokens)):
         chosen = dict(zip(tokens, kinds, strict=True))
         verdicts = set()
-        for n in PROBE_LENGTHS:
-            args = []
-            for p in inputs:
-                value = meta(p)
-                if isinstance(value, torch.SymInt):
-                    expr = value.node.expr
-                    args.append(n if expr in syms else value.node.hint)
-                elif p in chosen:
-                    shape = [n if _is_seq(s, syms) else _hint(s) for s in value.shape]
-                    args.append(_candidate(chosen[p], shape, seq_dims[p], value.dtype))
-                else:
-                    real = example_inputs[positions[p]]
-                    if any(_is_seq(s, syms) for s in value.shape):
-                        return None
-                    args.append(real)
-            try:
-                with torch.no_grad():
-                    verdicts.add(_is_causal(sub(*args), n))
-            except Exception as err:  # noqa: BLE001 - any failure means "not recognised"
-                logger.debug("mask probe failed: %s", err)
-                verdicts.add(None)
+        for n in lengths:
+            values = {
+                p: _candidate(kind, evaluate.shape(p, n), tokens[p], meta(p).dtype)
+                for p, kind in chosen.items()
+            }
+            result = evaluate(n, values)
+            verdicts.add(None if result is None else _is_causal(result, n))
         if len(verdicts) == 1 and None not in verdicts:
-            verdict = "causal" if verdicts.pop() else "none"
-            guards = tuple(
-                InputGuard(positions[p], kind, seq_dims[p]) for p, kind in chosen.items()
-            )
-            return verdict, guards
+            return ("causal" if verdicts.pop() else "none"), chosen
     return None
+
+
+def _sample(role: str, shape: list[int], dtype: torch.dtype, trial: int, gen) -> torch.Tensor:  # noqa: ANN001
+    """Trial ``trial`` of a ``[B, n]`` token input playing ``role``: positions of documents
+    packed at two random cuts per row (trial 0: one document), or a random 0/1 padding mask
+    (trial 0: all ones)."""
+    batch, n = shape
+    if role == "padding":
+        values = torch.rand(batch, n, generator=gen) > 0.3 if trial else torch.ones(batch, n)
+        return values.to(dtype)
+    values = torch.arange(n).repeat(batch, 1)
+    if trial:
+        for row in values:
+            for cut in sorted(torch.randint(1, n, (2,), generator=gen).tolist()):
+                row[cut:] = torch.arange(n - cut)
+    return values.to(dtype)
+
+
+def _probe_spec(
+    evaluate: _Evaluator,
+    tokens: dict[Node, int],
+    indices: dict[Node, int],
+    lengths: tuple[int, ...],
+    windows: list[int],
+) -> MaskSpec | None:
+    """The ``MaskSpec`` that equals the mask on sampled inputs (Note [Mask probing])."""
+    if any(meta(p).dim() != 2 or tokens[p] != 1 for p in tokens) or len(tokens) > 2:
+        return None  # roles are [B, S] inputs: positions, padding
+    for roles in itertools.product(("positions", "padding"), repeat=len(tokens)):
+        if len(set(roles)) != len(roles):
+            continue
+        role_of = dict(zip(tokens, roles, strict=True))
+        trials = []
+        gen = torch.Generator().manual_seed(0)
+        for n in lengths:
+            for trial in range(TRIALS):
+                values = {
+                    p: _sample(role, evaluate.shape(p, n), meta(p).dtype, trial, gen)
+                    for p, role in role_of.items()
+                }
+                result = evaluate(n, values)
+                if result is None:
+                    return None
+                trials.append((n, values, result))
+        by_role = {role: p for p, role in role_of.items()}
+        for causal, window, documents, padding in itertools.product(
+            (True, False),
+            (0, *windows),
+            (None, by_role.get("positions")),
+            (None, by_role.get("padding")),
+        ):
+            if all(
+                _matches(result, n, values, causal, window, documents, padding)
+                for n, values, result in trials
+            ):
+                return MaskSpec(
+                    causal,
+                    window,
+                    None if documents is None else indices[documents],
+                    None if padding is None else indices[padding],
+                )
+    return None
+
+
+def _matches(
+    result: torch.Tensor,
+    n: int,
+    values: dict[Node, torch.Tensor],
+    causal: bool,
+    window: int,
+    documents: Node | None,
+    padding: Node | None,
+) -> bool:
+    """Whether the mask ``result`` equals the spec's on the trial inputs ``values``."""
+    docs = None if documents is None else document_ids(values[documents])
+    valid = None if padding is None else values[padding]
+    pos = torch.arange(n)
+    expected = allowed(causal, window, pos, pos, docs, valid)
+    try:
+        a, b = torch.broadcast_tensors(result, expected)
+    except RuntimeError:
+        return False
+    return bool((a == b).all())
+
+
+def _constants(sub: GraphModule) -> list[int]:
+    """The positive integer constants in the subgraph's op arguments (window candidates)."""
+    found = set()
+    for node in sub.graph.nodes:
+        for arg in pytree.tree_leaves((node.args, node.kwargs)):
+            if isinstance(arg, int) and not isinstance(arg, bool) and arg > 0:
+                found.add(arg)
+    return sorted(found)
 
 
 def _is_seq(size: Any, syms: frozenset[sympy.Symbol]) -> bool:
@@ -162,7 +299,8 @@ def _hint(size: Any) -> int:
 def recognise_masks(
     gm: GraphModule, example_inputs: list[Any], syms: frozenset[sympy.Symbol]
 ) -> MaskPlan:
-    """Find the attention masks that are causal (or empty) for guarded input values."""
+    """Find the attention masks that are causal (or empty) for guarded input values, and the
+    structured ones (Note [Mask probing])."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     positions = {p: i for i, p in enumerate(placeholders)}
     seq_dims = {}
@@ -172,7 +310,8 @@ def recognise_masks(
             dims = [d for d, s in enumerate(value.shape) if _is_seq(s, syms)]
             if len(dims) == 1 and not value.is_floating_point():
                 seq_dims[p] = dims[0]
-    masks: dict[str, str] = {}
+    masks: dict[str, str | MaskSpec] = {}
+    specs: dict[str, MaskSpec] = {}
     guards: dict[int, InputGuard] = {}
     for node in gm.graph.nodes:
         if op_name(node) not in ATTENTION:
@@ -181,13 +320,34 @@ def recognise_masks(
         if not isinstance(mask, Node):
             continue
         sub, inputs = _subgraph(mask)
-        found = _probe(sub, inputs, example_inputs, positions, syms, seq_dims)
-        if found is None:
+        constants = _constants(sub)
+        longest = max(constants, default=0) + 3
+        if longest > MAX_PROBE:
+            logger.info("autosp: the mask of %s has constants too large to probe", node.name)
+            continue
+        lengths = tuple(sorted({*PROBE_LENGTHS, longest}))
+        evaluate = _Evaluator(sub, inputs, example_inputs, positions, syms)
+        tokens = {p: seq_dims[p] for p in inputs if p in seq_dims}
+        spec = _probe_spec(evaluate, tokens, positions, lengths, constants)
+        if spec is not None:
+            specs[node.name] = spec
+        found = _probe_causal(evaluate, tokens, lengths)
+        new_guards = ()
+        if found is not None:
+            verdict, chosen = found
+            new_guards = tuple(
+                InputGuard(positions[p], kind, seq_dims[p]) for p, kind in chosen.items()
+            )
+            if any(guards.get(g.index, g) != g for g in new_guards):
+                found = None
+        if found is not None:
+            masks[node.name] = verdict
+            guards.update({g.index: g for g in new_guards})
+        elif spec is not None:
+            masks[node.name] = spec
+        else:
             logger.info("autosp: the mask of %s is not recognised; it is kept whole", node.name)
-            continue
-        verdict, new_guards = found
-        if any(guards.get(g.index, g) != g for g in new_guards):
-            continue
-        masks[node.name] = verdict
-        guards.update({g.index: g for g in new_guards})
-    return MaskPlan(masks, tuple(guards.values()))
+    if not guards:
+        return MaskPlan(masks, ())
+    fallback = {**{n: m for n, m in masks.items() if isinstance(m, MaskSpec)}, **specs}
+    return MaskPlan(masks, tuple(guards.values()), MaskPlan(fallback, ()))

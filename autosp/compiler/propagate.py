@@ -93,7 +93,7 @@ class ShardingPass:
         group: GroupInfo,
         seq_syms: frozenset[sympy.Symbol],
         seq_source: tuple[str, int],
-        mask_overrides: dict[str, str] | None = None,
+        mask_overrides: dict[str, Any] | None = None,
         attention: str = "auto",
         load_balance: bool = True,
     ) -> None:

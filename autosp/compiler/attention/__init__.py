@@ -14,6 +14,7 @@ from typing import Any
 from torch.fx import Node
 
 from autosp.compiler.attention.hybrid import hybrid_attention
+from autosp.compiler.attention.mask_spec import MaskSpec, document_ids
 from autosp.compiler.attention.ring import ring_attention
 from autosp.compiler.attention.ulysses import ulysses_attention
 from autosp.compiler.placement import Shard
@@ -61,6 +62,18 @@ def choose_strategy(requested: str, heads: int, world: int, hybrid_sizes: list[i
     return "ring"
 
 
+def _structure(sp: ShardingPass, spec: MaskSpec) -> dict[str, Any]:
+    """The arguments of a structured mask for the strategies: window, document ids (computed
+    from the positions input) and key validity (the 2-D attention mask input)."""
+    placeholders = list(sp.gm.graph.find_nodes(op="placeholder"))
+    structure: dict[str, Any] = {"window": spec.window}
+    if spec.positions is not None:
+        structure["documents"] = sp.call(document_ids, sp.env[placeholders[spec.positions]])
+    if spec.padding is not None:
+        structure["valid"] = sp.env[placeholders[spec.padding]]
+    return structure
+
+
 def shard_attention(sp: ShardingPass, node: Node) -> None:
     """Replace ``scaled_dot_product_attention`` by a sequence-parallel strategy."""
     from autosp.compiler.rules import bind
@@ -77,7 +90,13 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
     heads, kv_heads = hint(q_meta.shape[-3]), hint(k_meta.shape[-3])
     mask, is_causal = args["attn_mask"], args["is_causal"]
     recognised = sp.mask_overrides.get(node.name)
-    if recognised is not None:
+    if isinstance(recognised, MaskSpec) and args["dropout_p"]:
+        recognised = None  # the blockwise kernels have no dropout: keep the model's mask
+    structure: dict[str, Any] = {}
+    if isinstance(recognised, MaskSpec):
+        mask, is_causal = None, recognised.causal
+        structure = _structure(sp, recognised)
+    elif recognised is not None:
         mask, is_causal = None, recognised == "causal"
     strategy = choose_strategy(sp.attention, heads, world, sorted(sp.group.hybrid))
     if strategy in ("ring", "hybrid") and args["dropout_p"]:
@@ -91,6 +110,7 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
         "softcap": args["softcap"],
         "seq_len": sp.seq_len,
         "balance": sp.load_balance,
+        **structure,
     }
     if strategy == "ring":
         out = sp.call(
@@ -131,6 +151,7 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
             group=sp.name,
             kv_repeat=repeat,
             softcap=args["softcap"],
+            **structure,
         )
         detail = f"{heads} heads, {kv_heads} kv heads"
         if repeat > 1:
@@ -140,8 +161,10 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
     sp.env[node] = out
     sp.placements[node] = Shard(seq_dim)
     mask_kind = "causal" if is_causal else ("dense mask" if mask is not None else "no mask")
+    if isinstance(recognised, MaskSpec):
+        mask_kind = f"structured mask: {recognised.describe()}, computed blockwise"
     if recognised is not None:
         mask_kind += ", recognised from the mask's graph"
-    if strategy != "ulysses" and is_causal and mask is None and sp.load_balance:
+    if strategy != "ulysses" and is_causal and mask is None and not structure and sp.load_balance:
         mask_kind += ", zigzag load balancing"
     sp.plan.attention.append(f"{node.name}: {strategy} ({detail}; {mask_kind})")

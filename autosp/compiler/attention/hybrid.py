@@ -50,9 +50,13 @@ def hybrid_attention(
     softcap: float = 0.0,
     kv_repeat: int = 1,
     balance: bool = True,
+    window: int = 0,
+    documents: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention on sequence-sharded ``[..., H, L, D]`` inputs (Note [Hybrid]); ``mask`` is
-    the whole ``[..., S, S]`` mask, or None."""
+    the whole ``[..., S, S]`` mask, or None; ``window``, ``documents``, ``valid`` a structured
+    mask (Note [Structured masks])."""
     head_dim, seq_dim = query.dim() - 3, query.dim() - 2
     if kv_repeat > 1:
         key, value = (t.repeat_interleave(kv_repeat, dim=head_dim) for t in (key, value))
@@ -71,5 +75,8 @@ def hybrid_attention(
         mask=mask,
         softcap=softcap,
         balance=balance,
+        window=window,
+        documents=documents,
+        valid=valid,
     )
     return ops.all_to_all(out, seq_dim, head_dim, ulysses_group)

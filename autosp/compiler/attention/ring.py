@@ -29,14 +29,22 @@ softmax row is empty).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from autosp.comm.ops import _counts, _group
 from autosp.compiler import runtime
+from autosp.compiler.attention.blocks import (
+    ALL,
+    Block,
+    block_backward,
+    block_forward,
+    merge,
+    repeat_heads,
+)
 from autosp.compiler.attention.load_balance import permute_chunks
+from autosp.compiler.attention.mask_spec import block_bias
 
 
 def _exchange(
@@ -52,21 +60,6 @@ def _exchange(
     ops += [dist.P2POp(dist.irecv, t, prv, pg) for t in received]
     _counts["ring_send_recv"] += 1
     return received, dist.batch_isend_irecv(ops)
-
-
-@dataclass(frozen=True, slots=True)
-class Block:
-    """One step's work: query rows ``q`` attend to rows ``kv`` of the block held, with an
-    additive fp32 ``bias`` (or None), ``diagonal`` marking a causal mask between equal
-    positions."""
-
-    q: slice
-    kv: slice
-    diagonal: bool
-    bias: torch.Tensor | None = None
-
-
-ALL = slice(None)
 
 
 def _padding_bias(
@@ -98,14 +91,21 @@ def _contiguous_block(
     rows: int,
     seq_len: int,
     mask: torch.Tensor | None,
+    structure: Structure | None,
     device: torch.device,
 ) -> Block | None:
     """Contiguous layout: skip the future (causal) and blocks made only of padding keys; mask
     the diagonal (causal), or apply the mask's columns of block ``src`` (which hide padding
-    keys), or hide padding keys (causal attention needs no padding bias: padding keys come after
-    every real query)."""
+    keys), or the structured mask's block (Note [Structured masks]), or hide padding keys
+    (causal attention needs no padding bias: padding keys come after every real query)."""
     if (causal and src > rank) or src * rows >= seq_len:
         return None
+    if structure is not None:
+        window, documents, valid = structure
+        q_pos = rank * rows + torch.arange(rows, device=device)
+        k_pos = src * rows + torch.arange(rows, device=device)
+        bias = block_bias(causal, window, q_pos, k_pos, seq_len, documents, valid)
+        return None if bias is None else Block(ALL, ALL, False, bias)
     if mask is not None:
         bias = _mask_bias(mask[..., src * rows : (src + 1) * rows])
         return None if bias is None else Block(ALL, ALL, causal and src == rank, bias)
@@ -126,6 +126,10 @@ def _zigzag_block(rank: int, src: int, rows: int) -> Block:
     return Block(slice(half, rows), ALL, False)
 
 
+Structure = tuple[int, "torch.Tensor | None", "torch.Tensor | None"]
+"""A structured mask's window, document ids and key validity (Note [Structured masks])."""
+
+
 def _ring_steps(
     kv: list[torch.Tensor],
     pg: dist.ProcessGroup,
@@ -133,6 +137,7 @@ def _ring_steps(
     seq_len: int,
     zigzag: bool,
     mask: torch.Tensor | None,
+    structure: Structure | None,
 ) -> Iterator[tuple[Block | None, list[torch.Tensor]]]:
     """Rotate the key/value block ``kv`` around the ring; at each of the ``P`` steps yield
     the work this rank does on the block it holds (None: nothing) and the block. The next
@@ -145,109 +150,15 @@ def _ring_steps(
         if zigzag:
             yield _zigzag_block(rank, src, rows), kv
         else:
-            yield _contiguous_block(rank, src, is_causal, rows, seq_len, mask, kv[0].device), kv
+            block = _contiguous_block(
+                rank, src, is_causal, rows, seq_len, mask, structure, kv[0].device
+            )
+            yield block, kv
         if pending is not None:
             received, works = pending
             for work in works:
                 work.wait()
             kv = received
-
-
-def _repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    return t.repeat_interleave(heads // t.shape[-3], dim=-3) if t.shape[-3] != heads else t
-
-
-def _scores(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    bias: torch.Tensor | None,
-    diagonal: bool,
-    scale: float,
-    softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 masked scores and, with a soft-cap, ``tanh`` of the scaled scores (for backward)."""
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    capped = None
-    if softcap:
-        capped = torch.tanh(scores / softcap)
-        scores = capped * softcap
-    if bias is not None:
-        scores = scores + bias
-    if diagonal:
-        scores = scores.masked_fill(_future(scores.shape[-2], q.device), float("-inf"))
-    return scores, capped
-
-
-def _block_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    block: Block,
-    scale: float,
-    softcap: float,
-    use_kernel: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of one block: fp32 output and log-sum-exp per query row (``-inf`` for a row
-    that sees no key of the block).
-
-    With ``use_kernel`` (and no soft-cap) the CPU flash-attention kernel runs it (``diagonal``
-    marks the causal block, whose future keys it hides itself); otherwise plain fp32 math.
-    """
-    if use_kernel and not softcap:
-        mask = None if block.bias is None else block.bias.to(q.dtype)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, block.diagonal, attn_mask=mask, scale=scale
-        )
-        lse = lse.float()
-        if block.bias is not None:  # the kernel reports 0, not -inf, for a row that sees nothing
-            lse = lse.masked_fill(torch.isneginf(block.bias).all(-1), float("-inf"))
-        return out.float(), lse
-    scores, _ = _scores(q, k, block.bias, block.diagonal, scale, softcap)
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
-    return probs @ v.float(), lse
-
-
-def _block_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    block: Block,
-    scale: float,
-    softcap: float,
-    use_kernel: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of one block given the *global* output and log-sum-exp (fp32 results)."""
-    if use_kernel and not softcap:
-        mask = None if block.bias is None else block.bias.to(q.dtype)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, block.diagonal, attn_mask=mask, scale=scale
-        )
-        return dq.float(), dk.float(), dv.float()
-    qf, kf, vf, doutf = q.float(), k.float(), v.float(), dout.float()
-    scores, capped = _scores(q, k, block.bias, block.diagonal, scale, softcap)
-    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
-    delta = (doutf * out.float()).sum(-1, keepdim=True)
-    dscores = probs * (doutf @ vf.transpose(-1, -2) - delta) * scale
-    if capped is not None:
-        dscores = dscores * (1 - capped.square())
-    return dscores @ kf, dscores.transpose(-1, -2) @ qf, probs.transpose(-1, -2) @ doutf
-
-
-def _future(rows: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(rows, rows, dtype=torch.bool, device=device).triu(1)
-
-
-def _merge(
-    out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    new_lse = torch.logaddexp(lse, block_lse)
-    keep = torch.exp(lse - new_lse).nan_to_num(0.0).unsqueeze(-1)
-    take = torch.exp(block_lse - new_lse).nan_to_num(0.0).unsqueeze(-1)
-    return keep * out + take * block_out, new_lse
 
 
 @torch.library.custom_op("autosp::ring_attention", mutates_args=())
@@ -256,7 +167,11 @@ def ring_attention_fwd(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
+    documents: torch.Tensor | None,
+    valid: torch.Tensor | None,
     is_causal: bool,
+    window: int,
+    structured: bool,
     scale: float,
     softcap: float,
     seq_len: int,
@@ -265,16 +180,19 @@ def ring_attention_fwd(
     zigzag: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention forward on ``[..., H, L, D]`` blocks: output and fp32 log-sum-exp.
-    ``mask``: this rank's query rows of the padded mask, ``[..., L, P*L]``, or None."""
+    ``mask``: this rank's query rows of the padded mask, ``[..., L, P*L]``, or None;
+    ``structured``: the mask is ``window``, ``documents`` and ``valid`` instead."""
     heads = q.shape[-3]
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-    for block, kv in _ring_steps([k, v], _group(group), is_causal, seq_len, zigzag, mask):
+    structure = (window, documents, valid) if structured else None
+    steps = _ring_steps([k, v], _group(group), is_causal, seq_len, zigzag, mask, structure)
+    for block, kv in steps:
         if block is None:
             continue
-        kh, vh = (_repeat_heads(t[..., block.kv, :], heads) for t in kv)
-        result = _block_forward(q[..., block.q, :], kh, vh, block, scale, softcap, use_kernel)
-        out[..., block.q, :], lse[..., block.q] = _merge(
+        kh, vh = (repeat_heads(t[..., block.kv, :], heads) for t in kv)
+        result = block_forward(q[..., block.q, :], kh, vh, block, scale, softcap, use_kernel)
+        out[..., block.q, :], lse[..., block.q] = merge(
             out[..., block.q, :], lse[..., block.q], *result
         )
     return out.to(q.dtype), lse
@@ -294,7 +212,11 @@ def ring_attention_bwd(
     out: torch.Tensor,
     lse: torch.Tensor,
     mask: torch.Tensor | None,
+    documents: torch.Tensor | None,
+    valid: torch.Tensor | None,
     is_causal: bool,
+    window: int,
+    structured: bool,
     scale: float,
     softcap: float,
     seq_len: int,
@@ -307,11 +229,12 @@ def ring_attention_bwd(
     heads = q.shape[-3]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dkv = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v)]
-    for block, kv in _ring_steps([k, v], pg, is_causal, seq_len, zigzag, mask):
+    structure = (window, documents, valid) if structured else None
+    for block, kv in _ring_steps([k, v], pg, is_causal, seq_len, zigzag, mask, structure):
         if block is not None:
-            kh, vh = (_repeat_heads(t[..., block.kv, :], heads) for t in kv)
+            kh, vh = (repeat_heads(t[..., block.kv, :], heads) for t in kv)
             rows = block.q
-            grads = _block_backward(
+            grads = block_backward(
                 grad_out[..., rows, :],
                 q[..., rows, :],
                 kh,
@@ -340,15 +263,15 @@ def _(grad_out, q, k, v, *options):  # noqa: ANN001, ANN002, ANN202
 
 
 def _setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    q, k, v, mask, *ctx.options = inputs
+    q, k, v, mask, documents, valid, *ctx.options = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.save_for_backward(q, k, v, out, lse, mask, documents, valid)
 
 
 def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor):  # noqa: ANN001, ANN202
-    q, k, v, out, lse, mask = ctx.saved_tensors
-    dq, dk, dv = ring_attention_bwd(grad_out, q, k, v, out, lse, mask, *ctx.options)
-    return dq, dk, dv, None, *(None for _ in ctx.options)
+    q, k, v, out, lse, *masks = ctx.saved_tensors
+    dq, dk, dv = ring_attention_bwd(grad_out, q, k, v, out, lse, *masks, *ctx.options)
+    return dq, dk, dv, None, None, None, *(None for _ in ctx.options)
 
 
 ring_attention_fwd.register_autograd(_backward, setup_context=_setup)
@@ -365,12 +288,16 @@ def ring_attention(
     group: str,
     mask: torch.Tensor | None = None,
     softcap: float = 0.0,
+    window: int = 0,
+    documents: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
     use_kernel: bool | None = None,
     balance: bool = True,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` on sequence-sharded ``[..., H, L, D]`` inputs, by
     passing key/value blocks around the ring (Note [Ring attention]). ``mask`` is the whole
-    ``[..., S, S]`` mask (heads already this rank's), or None. Causal attention without a mask
+    ``[..., S, S]`` mask (heads already this rank's), or None; ``window``, ``documents`` and
+    ``valid`` a structured mask (Note [Structured masks]). Causal attention without a mask
     on even blocks is load-balanced unless ``balance`` is False (Note [Load balancing])."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     use_kernel = query.device.type == "cpu" if use_kernel is None else use_kernel
@@ -379,10 +306,25 @@ def ring_attention(
         pg = _group(group)
         rank, world = dist.get_rank(pg), dist.get_world_size(pg)
         mask = runtime.mask_rows(mask, seq_len, rank * rows, rows, world * rows)
-    zigzag = balance and is_causal and mask is None and rows % 2 == 0
+    structured = bool(window) or documents is not None or valid is not None
+    zigzag = balance and is_causal and mask is None and not structured and rows % 2 == 0
     if zigzag:
         query, key, value = (permute_chunks(t, seq_dim, group, True) for t in (query, key, value))
     out, _ = ring_attention_fwd(
-        query, key, value, mask, is_causal, scale, softcap, seq_len, group, use_kernel, zigzag
+        query,
+        key,
+        value,
+        mask,
+        documents,
+        valid,
+        is_causal,
+        window,
+        structured,
+        scale,
+        softcap,
+        seq_len,
+        group,
+        use_kernel,
+        zigzag,
     )
     return permute_chunks(out, seq_dim, group, False) if zigzag else out

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from autosp.comm import ops
 from autosp.compiler import runtime
+from autosp.compiler.attention.blockwise import blockwise_attention
 from autosp.compiler.attention.reference import softcapped_attention
 
 
@@ -67,16 +68,35 @@ def ulysses_attention(
     group: str,
     kv_repeat: int = 1,
     softcap: float = 0.0,
+    window: int = 0,
+    documents: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` on sequence-sharded ``[..., H, L, D]`` inputs.
 
     ``kv_repeat`` > 1 repeats each key/value head so that their count divides ``world``
-    (fewer key/value heads than ranks); the backward sums the copies' gradients.
+    (fewer key/value heads than ranks); the backward sums the copies' gradients. ``window``,
+    ``documents`` and ``valid`` give a structured mask (Note [Structured masks]), computed
+    blockwise (Note [Blockwise attention]).
     """
     head_dim, seq_dim = query.dim() - 3, query.dim() - 2
     if kv_repeat > 1:
         key, value = (t.repeat_interleave(kv_repeat, dim=head_dim) for t in (key, value))
     q, k, v = (ops.all_to_all(t, head_dim, seq_dim, group) for t in (query, key, value))
+    if window or documents is not None or valid is not None:
+        out = blockwise_attention(
+            q,
+            k,
+            v,
+            is_causal,
+            scale,
+            seq_len=seq_len,
+            window=window,
+            documents=documents,
+            valid=valid,
+            softcap=softcap,
+        )
+        return ops.all_to_all(out, seq_dim, head_dim, group)
     heads = q.shape[head_dim]
     padded = q.shape[seq_dim]
     mask = _attention_mask(attn_mask, seq_len, padded, rank * heads, heads, is_causal, q.device)

@@ -1,0 +1,187 @@
+"""Blockwise attention over the whole sequence with a structured mask, for Ulysses.
+
+Note [Blockwise attention]
+--------------------------
+After Ulysses' all-to-all a rank holds the whole (padded) sequence for its heads. With a
+structured mask (Note [Structured masks]) it computes attention in ``CHUNK x CHUNK`` blocks:
+each block's mask is built from positions, document ids and key validity, blocks the mask hides
+are skipped (the future, outside a window, other documents), and the blocks of a query chunk
+merge through their log-sum-exp (``blocks.py``). Memory is ``O(CHUNK^2)`` per head instead of
+``O(S^2)``; the backward recomputes each block from the global log-sum-exp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from autosp.compiler.attention.blocks import (
+    Block,
+    block_backward,
+    block_forward,
+    merge,
+    repeat_heads,
+)
+from autosp.compiler.attention.mask_spec import block_bias
+
+CHUNK = 1024
+"""Query and key rows per block."""
+
+
+def _blocks(
+    rows: int,
+    chunk: int,
+    is_causal: bool,
+    window: int,
+    seq_len: int,
+    documents: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    device: torch.device,
+) -> Iterator[Block]:
+    """The blocks the mask does not hide entirely, query chunk by query chunk."""
+    for q_start in range(0, rows, chunk):
+        q_end = min(q_start + chunk, rows)
+        q_pos = torch.arange(q_start, q_end, device=device)
+        for k_start in range(0, q_end if is_causal else rows, chunk):
+            k_end = min(k_start + chunk, rows)
+            k_pos = torch.arange(k_start, k_end, device=device)
+            bias = block_bias(is_causal, window, q_pos, k_pos, seq_len, documents, valid)
+            if bias is not None:
+                yield Block(slice(q_start, q_end), slice(k_start, k_end), False, bias)
+
+
+@torch.library.custom_op("autosp::blockwise_attention", mutates_args=())
+def blockwise_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    documents: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    is_causal: bool,
+    window: int,
+    scale: float,
+    softcap: float,
+    seq_len: int,
+    chunk: int,
+    use_kernel: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``[..., H, S, D]`` inputs under a structured mask: output and fp32
+    log-sum-exp."""
+    heads = q.shape[-3]
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+    rows = q.shape[-2]
+    for block in _blocks(rows, chunk, is_causal, window, seq_len, documents, valid, q.device):
+        kb, vb = (repeat_heads(t[..., block.kv, :], heads) for t in (k, v))
+        result = block_forward(q[..., block.q, :], kb, vb, block, scale, softcap, use_kernel)
+        out[..., block.q, :], lse[..., block.q] = merge(
+            out[..., block.q, :], lse[..., block.q], *result
+        )
+    return out.to(q.dtype), lse
+
+
+@blockwise_attention_fwd.register_fake
+def _(q, k, v, *options):  # noqa: ANN001, ANN002, ANN202
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("autosp::blockwise_attention_backward", mutates_args=())
+def blockwise_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    documents: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    is_causal: bool,
+    window: int,
+    scale: float,
+    softcap: float,
+    seq_len: int,
+    chunk: int,
+    use_kernel: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of blockwise attention, block by block from the global log-sum-exp."""
+    heads = q.shape[-3]
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v))
+    group_size = heads // k.shape[-3]
+    rows = q.shape[-2]
+    for block in _blocks(rows, chunk, is_causal, window, seq_len, documents, valid, q.device):
+        kb, vb = (repeat_heads(t[..., block.kv, :], heads) for t in (k, v))
+        r = block.q
+        grads = block_backward(
+            grad_out[..., r, :],
+            q[..., r, :],
+            kb,
+            vb,
+            out[..., r, :],
+            lse[..., r],
+            block,
+            scale,
+            softcap,
+            use_kernel,
+        )
+        dq[..., r, :] += grads[0]
+        for acc, grad in zip((dk, dv), grads[1:], strict=True):
+            acc[..., block.kv, :] += grad.unflatten(-3, (-1, group_size)).sum(-3)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@blockwise_attention_bwd.register_fake
+def _(grad_out, q, k, v, *options):  # noqa: ANN001, ANN002, ANN202
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    q, k, v, documents, valid, *ctx.options = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, documents, valid)
+
+
+def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor):  # noqa: ANN001, ANN202
+    q, k, v, out, lse, *masks = ctx.saved_tensors
+    dq, dk, dv = blockwise_attention_bwd(grad_out, q, k, v, out, lse, *masks, *ctx.options)
+    return dq, dk, dv, None, None, *(None for _ in ctx.options)
+
+
+blockwise_attention_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def blockwise_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    is_causal: bool,
+    scale: float | None,
+    *,
+    seq_len: int,
+    window: int = 0,
+    documents: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    chunk: int = CHUNK,
+    use_kernel: bool | None = None,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` of whole-sequence ``[..., H, S, D]`` inputs under a
+    structured mask (Note [Blockwise attention])."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    use_kernel = query.device.type == "cpu" if use_kernel is None else use_kernel
+    out, _ = blockwise_attention_fwd(
+        query,
+        key,
+        value,
+        documents,
+        valid,
+        is_causal,
+        window,
+        scale,
+        softcap,
+        seq_len,
+        chunk,
+        use_kernel,
+    )
+    return out

@@ -1,0 +1,96 @@
+"""Structured attention masks: what a mask is, as a function of a few ``[B, S]`` inputs.
+
+Note [Structured masks]
+-----------------------
+Hugging Face builds ``[B, 1, S, S]`` masks that are conjunctions of a few simple rules. A
+``MaskSpec`` names them; query ``q`` may attend to key ``k`` of batch row ``b`` when::
+
+    (k <= q             if causal)
+    (q - k < window     if window)
+    (doc[b, q] == doc[b, k]  if documents: doc = document ids from the positions)
+    (valid[b, k]        if padding: valid = the 2-D attention_mask)
+
+``masks.py`` finds the spec of a model's mask by evaluating its subgraph on sampled inputs
+and comparing with ``allowed``; the attention strategies then build only the ``[rows, cols]``
+blocks of the mask they compute (``block_bias``), never ``S x S``. Positions ``>= seq_len`` are
+padding: hidden as keys, and as queries they see every key (no softmax row is empty).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class MaskSpec:
+    """A structured mask (Note [Structured masks]); ``positions`` and ``padding`` are the
+    indices of the graph inputs holding the positions and the 2-D attention mask."""
+
+    causal: bool
+    window: int = 0
+    positions: int | None = None
+    padding: int | None = None
+
+    def describe(self) -> str:
+        parts = ["causal" if self.causal else "bidirectional"]
+        if self.window:
+            parts.append(f"window {self.window}")
+        if self.positions is not None:
+            parts.append("documents from positions")
+        if self.padding is not None:
+            parts.append("key padding")
+        return " + ".join(parts)
+
+
+def document_ids(positions: torch.Tensor) -> torch.Tensor:
+    """Document index of each token of ``[B, S]`` positions: a new document starts wherever
+    the position does not follow the previous one by 1 (as Hugging Face packs sequences)."""
+    previous = torch.cat([positions[..., :1] - 1, positions[..., :-1]], dim=-1)
+    return (positions - previous != 1).cumsum(-1)
+
+
+def allowed(
+    causal: bool,
+    window: int,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    documents: torch.Tensor | None,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """Boolean ``[B or 1, 1, Lq, Lk]``: which keys at positions ``k_pos`` each query at
+    ``q_pos`` may attend to (all positions real, ``< S``)."""
+    q, k = q_pos.unsqueeze(-1), k_pos.unsqueeze(0)
+    ok = torch.ones(q.shape[0], k.shape[1], dtype=torch.bool, device=q_pos.device)
+    if causal:
+        ok = ok & (k <= q)
+    if window:
+        ok = ok & (q - k < window)
+    ok = ok.view(1, 1, *ok.shape)
+    if documents is not None:
+        same = documents[:, q_pos].unsqueeze(-1) == documents[:, k_pos].unsqueeze(-2)
+        ok = ok & same.unsqueeze(1)
+    if valid is not None:
+        ok = ok & valid[:, k_pos].bool().view(valid.shape[0], 1, 1, -1)
+    return ok
+
+
+def block_bias(
+    causal: bool,
+    window: int,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    seq_len: int,
+    documents: torch.Tensor | None,
+    valid: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Additive fp32 bias ``[B or 1, 1, Lq, Lk]`` of one block of (possibly padding)
+    positions; None when it hides every key from every query (the block is skipped)."""
+    q_real, k_real = q_pos < seq_len, k_pos < seq_len
+    q_c, k_c = q_pos.clamp(max=seq_len - 1), k_pos.clamp(max=seq_len - 1)
+    ok = allowed(causal, window, q_c, k_c, documents, valid) & k_real
+    if not bool(ok[..., q_real, :].any()):
+        return None
+    ok = ok | ~q_real.unsqueeze(-1)
+    return torch.zeros(ok.shape, device=ok.device).masked_fill(~ok, float("-inf"))
