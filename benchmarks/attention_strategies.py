@@ -25,19 +25,22 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 CONFIGS = [
-    # (ranks, strategy, seq_len, recognise_masks, load_balance)
-    (2, "ulysses", 8192, True, True),
-    (2, "ring", 8192, True, True),
-    (2, "ring", 8192, True, False),
-    (2, "ulysses", 32768, True, True),
-    (2, "ring", 32768, True, True),
-    (2, "ring", 32768, True, False),
-    (2, "ulysses", 32768, False, True),
-    (2, "ring", 32768, False, True),
+    # (ranks, strategy, seq_len, recognise_masks, load_balance, packed documents)
+    (2, "ulysses", 8192, True, True, 1),
+    (2, "ring", 8192, True, True, 1),
+    (2, "ring", 8192, True, False, 1),
+    (2, "ulysses", 32768, True, True, 1),
+    (2, "ring", 32768, True, True, 1),
+    (2, "ring", 32768, True, False, 1),
+    (2, "ulysses", 32768, False, True, 1),
+    (2, "ring", 32768, False, True, 1),
+    # Four documents packed in each sequence (positions restart): a structured mask.
+    (2, "ulysses", 32768, True, True, 4),
+    (2, "ring", 32768, True, True, 4),
     # Hybrid needs at least 4 ranks (Ulysses over 2 x ring over 2): on 2 cores, 8k tokens.
-    (4, "ulysses", 8192, True, True),
-    (4, "hybrid", 8192, True, True),
-    (4, "ring", 8192, True, True),
+    (4, "ulysses", 8192, True, True, 1),
+    (4, "hybrid", 8192, True, True, 1),
+    (4, "ring", 8192, True, True, 1),
 ]
 
 
@@ -60,11 +63,15 @@ def _run(rank: int, world: int, port: int, cfg: dict[str, Any], queue: Any) -> N
         load_balance=cfg["load_balance"],
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ids = torch.randint(0, 256, (1, cfg["seq_len"]), generator=torch.Generator().manual_seed(0))
+    seq_len, documents = cfg["seq_len"], cfg["documents"]
+    ids = torch.randint(0, 256, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    extra = {}
+    if documents > 1:
+        extra["position_ids"] = torch.arange(seq_len).remainder(seq_len // documents)[None]
     times = []
     for _ in range(cfg["steps"] + 1):
         start = time.perf_counter()
-        parallel(input_ids=ids, labels=ids).loss.backward()
+        parallel(input_ids=ids, labels=ids, **extra).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dist.barrier()
@@ -76,7 +83,7 @@ def _run(rank: int, world: int, port: int, cfg: dict[str, Any], queue: Any) -> N
             "first_step_s": times[0],
             "step_s": statistics.median(times[1:]),
             "peak_rss_mib": peak_mib,
-            "attention": parallel.plans[-1].attention[0],
+            "attention": [line for plan in parallel.plans for line in plan.attention][-1],
         }
     )
     dist.destroy_process_group()
@@ -111,13 +118,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     results = []
-    for world, strategy, seq_len, recognise, balance in CONFIGS:
+    for world, strategy, seq_len, recognise, balance, documents in CONFIGS:
         cfg = {
             "world": world,
             "strategy": strategy,
             "seq_len": seq_len,
             "recognise_masks": recognise,
             "load_balance": balance,
+            "documents": documents,
             "model": args.model,
             "backend": args.backend,
             "steps": args.steps,
@@ -141,13 +149,17 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print("| ranks | strategy | tokens | causal mask | step (s) | peak RSS per rank (MiB) |")
+    print("| ranks | strategy | tokens | mask | step (s) | peak RSS per rank (MiB) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in results:
         mask = "recognised (is_causal)" if r["recognise_masks"] else "dense S x S"
+        if r["documents"] > 1:
+            mask = f"{r['documents']} documents, " + (
+                "structured" if r["recognise_masks"] else "dense S x S"
+            )
         strategy = r["strategy"]
-        if strategy != "ulysses" and r["recognise_masks"]:
-            strategy += " (zigzag)" if r["load_balance"] else " (contiguous)"
+        if strategy != "ulysses":
+            strategy += " (zigzag)" if "zigzag" in r["attention"] else " (contiguous)"
         peak = " / ".join(str(m) for m in r["peak_rss_mib_per_rank"])
         print(
             f"| {r['world']} | {strategy} | {r['seq_len']} | {mask} | {r['step_s']:.2f} | {peak} |"
