@@ -116,9 +116,18 @@ def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--backend", default="aot_eager")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--rows",
+        default="",
+        help="comma-separated indices into CONFIGS to run again; the other rows are kept "
+        "from --out",
+    )
     args = parser.parse_args()
-    results = []
-    for world, strategy, seq_len, recognise, balance, documents in CONFIGS:
+    rows = [int(i) for i in args.rows.split(",")] if args.rows else range(len(CONFIGS))
+    previous = json.loads(args.out.read_text()) if args.rows else {}
+    results = previous.get("results", [])
+    for row in rows:
+        world, strategy, seq_len, recognise, balance, documents = CONFIGS[row]
         cfg = {
             "world": world,
             "strategy": strategy,
@@ -132,12 +141,19 @@ def main() -> None:
         }
         result = run_config(cfg, world)
         print(json.dumps(result), flush=True)
-        results.append(result)
+        same = [i for i, r in enumerate(results) if all(r.get(k) == v for k, v in cfg.items())]
+        if same:
+            results[same[0]] = result
+        else:
+            results.append(result)
     import transformers
 
+    command = "python benchmarks/attention_strategies.py " + " ".join(
+        f"--{k} {v}" for k, v in vars(args).items() if v != ""
+    )
     report = {
-        "command": "python benchmarks/attention_strategies.py "
-        + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+        "command": previous.get("command", command),
+        **({"rerun": command} if args.rows else {}),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),

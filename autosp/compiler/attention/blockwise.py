@@ -12,43 +12,10 @@ merge through their log-sum-exp (``blocks.py``). Memory is ``O(CHUNK^2)`` per he
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
-from autosp.compiler.attention.blocks import (
-    Block,
-    block_backward,
-    block_forward,
-    merge,
-    repeat_heads,
-)
-from autosp.compiler.attention.mask_spec import block_bias
-
-CHUNK = 1024
-"""Query and key rows per block."""
-
-
-def _blocks(
-    rows: int,
-    chunk: int,
-    is_causal: bool,
-    window: int,
-    seq_len: int,
-    documents: torch.Tensor | None,
-    valid: torch.Tensor | None,
-    device: torch.device,
-) -> Iterator[Block]:
-    """The blocks the mask does not hide entirely, query chunk by query chunk."""
-    for q_start in range(0, rows, chunk):
-        q_end = min(q_start + chunk, rows)
-        q_pos = torch.arange(q_start, q_end, device=device)
-        for k_start in range(0, q_end if is_causal else rows, chunk):
-            k_end = min(k_start + chunk, rows)
-            k_pos = torch.arange(k_start, k_end, device=device)
-            bias = block_bias(is_causal, window, q_pos, k_pos, seq_len, documents, valid)
-            if bias is not None:
-                yield Block(slice(q_start, q_end), slice(k_start, k_end), False, bias)
+from autosp.compiler.attention.blocks import block_backward, block_forward, merge, repeat_heads
+from autosp.compiler.attention.mask_spec import CHUNK, structured_blocks
 
 
 @torch.library.custom_op("autosp::blockwise_attention", mutates_args=())
@@ -72,7 +39,10 @@ def blockwise_attention_fwd(
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     rows = q.shape[-2]
-    for block in _blocks(rows, chunk, is_causal, window, seq_len, documents, valid, q.device):
+    blocks = structured_blocks(
+        0, rows, 0, rows, is_causal, window, seq_len, documents, valid, q.device, chunk
+    )
+    for block in blocks:
         kb, vb = (repeat_heads(t[..., block.kv, :], heads) for t in (k, v))
         result = block_forward(q[..., block.q, :], kb, vb, block, scale, softcap, use_kernel)
         out[..., block.q, :], lse[..., block.q] = merge(
@@ -110,7 +80,10 @@ def blockwise_attention_bwd(
     dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v))
     group_size = heads // k.shape[-3]
     rows = q.shape[-2]
-    for block in _blocks(rows, chunk, is_causal, window, seq_len, documents, valid, q.device):
+    blocks = structured_blocks(
+        0, rows, 0, rows, is_causal, window, seq_len, documents, valid, q.device, chunk
+    )
+    for block in blocks:
         kb, vb = (repeat_heads(t[..., block.kv, :], heads) for t in (k, v))
         r = block.q
         grads = block_backward(

@@ -18,9 +18,15 @@ padding: hidden as keys, and as queries they see every key (no softmax row is em
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from autosp.compiler.attention.blocks import Block
+
+CHUNK = 1024
+"""Query and key rows per block of a structured mask."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,3 +100,31 @@ def block_bias(
         return None
     ok = ok | ~q_real.unsqueeze(-1)
     return torch.zeros(ok.shape, device=ok.device).masked_fill(~ok, float("-inf"))
+
+
+def structured_blocks(
+    q_offset: int,
+    q_rows: int,
+    k_offset: int,
+    k_rows: int,
+    causal: bool,
+    window: int,
+    seq_len: int,
+    documents: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    device: torch.device,
+    chunk: int = CHUNK,
+) -> Iterator[Block]:
+    """The ``chunk x chunk`` blocks of ``q_rows`` queries at positions ``q_offset..`` against
+    ``k_rows`` keys at ``k_offset..`` that the mask does not hide entirely (local slices)."""
+    for q_start in range(0, q_rows, chunk):
+        q_end = min(q_start + chunk, q_rows)
+        q_pos = q_offset + torch.arange(q_start, q_end, device=device)
+        for k_start in range(0, k_rows, chunk):
+            if causal and k_offset + k_start >= q_offset + q_end:
+                break
+            k_end = min(k_start + chunk, k_rows)
+            k_pos = k_offset + torch.arange(k_start, k_end, device=device)
+            bias = block_bias(causal, window, q_pos, k_pos, seq_len, documents, valid)
+            if bias is not None:
+                yield Block(slice(q_start, q_end), slice(k_start, k_end), False, bias)

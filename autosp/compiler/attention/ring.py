@@ -44,7 +44,7 @@ from autosp.compiler.attention.blocks import (
     repeat_heads,
 )
 from autosp.compiler.attention.load_balance import permute_chunks
-from autosp.compiler.attention.mask_spec import block_bias
+from autosp.compiler.attention.mask_spec import structured_blocks
 
 
 def _exchange(
@@ -84,7 +84,7 @@ def _mask_bias(mask: torch.Tensor) -> torch.Tensor | None:
     return None if bool(torch.isneginf(bias).all()) else bias
 
 
-def _contiguous_block(
+def _contiguous_blocks(
     rank: int,
     src: int,
     causal: bool,
@@ -93,25 +93,24 @@ def _contiguous_block(
     mask: torch.Tensor | None,
     structure: Structure | None,
     device: torch.device,
-) -> Block | None:
+) -> list[Block]:
     """Contiguous layout: skip the future (causal) and blocks made only of padding keys; mask
     the diagonal (causal), or apply the mask's columns of block ``src`` (which hide padding
-    keys), or the structured mask's block (Note [Structured masks]), or hide padding keys
-    (causal attention needs no padding bias: padding keys come after every real query)."""
+    keys), or the structured mask's blocks that it does not hide (Note [Structured masks]), or
+    hide padding keys (causal attention needs no padding bias: padding keys come after every
+    real query)."""
     if (causal and src > rank) or src * rows >= seq_len:
-        return None
+        return []
     if structure is not None:
         window, documents, valid = structure
-        q_pos = rank * rows + torch.arange(rows, device=device)
-        k_pos = src * rows + torch.arange(rows, device=device)
-        bias = block_bias(causal, window, q_pos, k_pos, seq_len, documents, valid)
-        return None if bias is None else Block(ALL, ALL, False, bias)
+        args = (causal, window, seq_len, documents, valid, device)
+        return list(structured_blocks(rank * rows, rows, src * rows, rows, *args))
     if mask is not None:
         bias = _mask_bias(mask[..., src * rows : (src + 1) * rows])
-        return None if bias is None else Block(ALL, ALL, causal and src == rank, bias)
+        return [] if bias is None else [Block(ALL, ALL, causal and src == rank, bias)]
     if causal:
-        return Block(ALL, ALL, src == rank)
-    return Block(ALL, ALL, False, _padding_bias(rows, src, seq_len, device))
+        return [Block(ALL, ALL, src == rank)]
+    return [Block(ALL, ALL, False, _padding_bias(rows, src, seq_len, device))]
 
 
 def _zigzag_block(rank: int, src: int, rows: int) -> Block:
@@ -138,9 +137,9 @@ def _ring_steps(
     zigzag: bool,
     mask: torch.Tensor | None,
     structure: Structure | None,
-) -> Iterator[tuple[Block | None, list[torch.Tensor]]]:
+) -> Iterator[tuple[list[Block], list[torch.Tensor]]]:
     """Rotate the key/value block ``kv`` around the ring; at each of the ``P`` steps yield
-    the work this rank does on the block it holds (None: nothing) and the block. The next
+    the work this rank does on the block it holds (possibly none) and the block. The next
     block's send/recv runs while the caller computes."""
     rank, world = dist.get_rank(pg), dist.get_world_size(pg)
     rows = kv[0].shape[-2]
@@ -148,12 +147,12 @@ def _ring_steps(
         src = (rank - step) % world
         pending = _exchange(kv, pg) if step < world - 1 else None
         if zigzag:
-            yield _zigzag_block(rank, src, rows), kv
+            yield [_zigzag_block(rank, src, rows)], kv
         else:
-            block = _contiguous_block(
+            blocks = _contiguous_blocks(
                 rank, src, is_causal, rows, seq_len, mask, structure, kv[0].device
             )
-            yield block, kv
+            yield blocks, kv
         if pending is not None:
             received, works = pending
             for work in works:
@@ -187,14 +186,13 @@ def ring_attention_fwd(
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     structure = (window, documents, valid) if structured else None
     steps = _ring_steps([k, v], _group(group), is_causal, seq_len, zigzag, mask, structure)
-    for block, kv in steps:
-        if block is None:
-            continue
-        kh, vh = (repeat_heads(t[..., block.kv, :], heads) for t in kv)
-        result = block_forward(q[..., block.q, :], kh, vh, block, scale, softcap, use_kernel)
-        out[..., block.q, :], lse[..., block.q] = merge(
-            out[..., block.q, :], lse[..., block.q], *result
-        )
+    for blocks, kv in steps:
+        for block in blocks:
+            kh, vh = (repeat_heads(t[..., block.kv, :], heads) for t in kv)
+            result = block_forward(q[..., block.q, :], kh, vh, block, scale, softcap, use_kernel)
+            out[..., block.q, :], lse[..., block.q] = merge(
+                out[..., block.q, :], lse[..., block.q], *result
+            )
     return out.to(q.dtype), lse
 
 
@@ -230,8 +228,8 @@ def ring_attention_bwd(
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dkv = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v)]
     structure = (window, documents, valid) if structured else None
-    for block, kv in _ring_steps([k, v], pg, is_causal, seq_len, zigzag, mask, structure):
-        if block is not None:
+    for blocks, kv in _ring_steps([k, v], pg, is_causal, seq_len, zigzag, mask, structure):
+        for block in blocks:
             kh, vh = (repeat_heads(t[..., block.kv, :], heads) for t in kv)
             rows = block.q
             grads = block_backward(
