@@ -124,3 +124,57 @@ def merge(
     keep = torch.exp(lse - new_lse).nan_to_num(0.0).unsqueeze(-1)
     take = torch.exp(block_lse - new_lse).nan_to_num(0.0).unsqueeze(-1)
     return keep * out + take * block_out, new_lse
+
+
+def accumulate_forward(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q: torch.Tensor,
+    kv: list[torch.Tensor],
+    block: Block,
+    scale: float,
+    softcap: float,
+    use_kernel: bool,
+) -> None:
+    """Attend ``block`` of queries ``q`` to key/value rows ``kv`` and merge the result into the
+    fp32 ``out`` and ``lse`` of those query rows, in place."""
+    k, v = (repeat_heads(t[..., block.kv, :], q.shape[-3]) for t in kv)
+    result = block_forward(q[..., block.q, :], k, v, block, scale, softcap, use_kernel)
+    out[..., block.q, :], lse[..., block.q] = merge(
+        out[..., block.q, :], lse[..., block.q], *result
+    )
+
+
+def accumulate_backward(
+    dq: torch.Tensor,
+    dkv: list[torch.Tensor],
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    kv: list[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    block: Block,
+    scale: float,
+    softcap: float,
+    use_kernel: bool,
+) -> None:
+    """Add ``block``'s gradients to the fp32 ``dq`` and ``dkv`` (key/value gradients summed
+    over the query heads sharing a key/value head), in place."""
+    heads, rows = q.shape[-3], block.q
+    k, v = (repeat_heads(t[..., block.kv, :], heads) for t in kv)
+    grads = block_backward(
+        grad_out[..., rows, :],
+        q[..., rows, :],
+        k,
+        v,
+        out[..., rows, :],
+        lse[..., rows],
+        block,
+        scale,
+        softcap,
+        use_kernel,
+    )
+    dq[..., rows, :] += grads[0]
+    group_size = heads // kv[0].shape[-3]
+    for acc, grad in zip(dkv, grads[1:], strict=True):
+        acc[..., block.kv, :] += grad.unflatten(-3, (-1, group_size)).sum(-3)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from autosp.compiler.attention.blocks import block_backward, block_forward, merge, repeat_heads
+from autosp.compiler.attention.blocks import accumulate_backward, accumulate_forward
 from autosp.compiler.attention.mask_spec import CHUNK, structured_blocks
 
 
@@ -35,7 +35,6 @@ def blockwise_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``[..., H, S, D]`` inputs under a structured mask: output and fp32
     log-sum-exp."""
-    heads = q.shape[-3]
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     rows = q.shape[-2]
@@ -43,11 +42,7 @@ def blockwise_attention_fwd(
         0, rows, 0, rows, is_causal, window, seq_len, documents, valid, q.device, chunk
     )
     for block in blocks:
-        kb, vb = (repeat_heads(t[..., block.kv, :], heads) for t in (k, v))
-        result = block_forward(q[..., block.q, :], kb, vb, block, scale, softcap, use_kernel)
-        out[..., block.q, :], lse[..., block.q] = merge(
-            out[..., block.q, :], lse[..., block.q], *result
-        )
+        accumulate_forward(out, lse, q, [k, v], block, scale, softcap, use_kernel)
     return out.to(q.dtype), lse
 
 
@@ -75,33 +70,17 @@ def blockwise_attention_bwd(
     use_kernel: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of blockwise attention, block by block from the global log-sum-exp."""
-    heads = q.shape[-3]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v))
-    group_size = heads // k.shape[-3]
+    dkv = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v)]
     rows = q.shape[-2]
     blocks = structured_blocks(
         0, rows, 0, rows, is_causal, window, seq_len, documents, valid, q.device, chunk
     )
     for block in blocks:
-        kb, vb = (repeat_heads(t[..., block.kv, :], heads) for t in (k, v))
-        r = block.q
-        grads = block_backward(
-            grad_out[..., r, :],
-            q[..., r, :],
-            kb,
-            vb,
-            out[..., r, :],
-            lse[..., r],
-            block,
-            scale,
-            softcap,
-            use_kernel,
+        accumulate_backward(
+            dq, dkv, grad_out, q, [k, v], out, lse, block, scale, softcap, use_kernel
         )
-        dq[..., r, :] += grads[0]
-        for acc, grad in zip((dk, dv), grads[1:], strict=True):
-            acc[..., block.kv, :] += grad.unflatten(-3, (-1, group_size)).sum(-3)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
 @blockwise_attention_bwd.register_fake

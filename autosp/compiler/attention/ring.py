@@ -38,10 +38,8 @@ from autosp.compiler import runtime
 from autosp.compiler.attention.blocks import (
     ALL,
     Block,
-    block_backward,
-    block_forward,
-    merge,
-    repeat_heads,
+    accumulate_backward,
+    accumulate_forward,
 )
 from autosp.compiler.attention.load_balance import permute_chunks
 from autosp.compiler.attention.mask_spec import structured_blocks
@@ -181,18 +179,13 @@ def ring_attention_fwd(
     """Ring attention forward on ``[..., H, L, D]`` blocks: output and fp32 log-sum-exp.
     ``mask``: this rank's query rows of the padded mask, ``[..., L, P*L]``, or None;
     ``structured``: the mask is ``window``, ``documents`` and ``valid`` instead."""
-    heads = q.shape[-3]
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     structure = (window, documents, valid) if structured else None
     steps = _ring_steps([k, v], _group(group), is_causal, seq_len, zigzag, mask, structure)
     for blocks, kv in steps:
         for block in blocks:
-            kh, vh = (repeat_heads(t[..., block.kv, :], heads) for t in kv)
-            result = block_forward(q[..., block.q, :], kh, vh, block, scale, softcap, use_kernel)
-            out[..., block.q, :], lse[..., block.q] = merge(
-                out[..., block.q, :], lse[..., block.q], *result
-            )
+            accumulate_forward(out, lse, q, kv, block, scale, softcap, use_kernel)
     return out.to(q.dtype), lse
 
 
@@ -224,30 +217,14 @@ def ring_attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ring attention; key/value gradients return to their owner."""
     pg = _group(group)
-    heads = q.shape[-3]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dkv = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v)]
     structure = (window, documents, valid) if structured else None
     for blocks, kv in _ring_steps([k, v], pg, is_causal, seq_len, zigzag, mask, structure):
         for block in blocks:
-            kh, vh = (repeat_heads(t[..., block.kv, :], heads) for t in kv)
-            rows = block.q
-            grads = block_backward(
-                grad_out[..., rows, :],
-                q[..., rows, :],
-                kh,
-                vh,
-                out[..., rows, :],
-                lse[..., rows],
-                block,
-                scale,
-                softcap,
-                use_kernel,
+            accumulate_backward(
+                dq, dkv, grad_out, q, kv, out, lse, block, scale, softcap, use_kernel
             )
-            dq[..., rows, :] += grads[0]
-            group_size = heads // kv[0].shape[-3]
-            for acc, grad in zip(dkv, grads[1:], strict=True):
-                acc[..., block.kv, :] += grad.unflatten(-3, (-1, group_size)).sum(-3)
         # The gradient of the block just used follows it to the next rank.
         dkv, works = _exchange(dkv, pg)
         for work in works:
