@@ -306,6 +306,21 @@ EXTRA: dict[str, tuple[Callable[[], nn.Module], Callable[..., dict] | None]] = {
         _padding_mask,
     ),
     "sequence_first": (SeqFirstGPT, None),
+    # ALiBi position biases (Falcon with alibi=True): a per-head float bias on the scores.
+    "falcon_alibi": (
+        _hf(
+            "FalconConfig",
+            "FalconForCausalLM",
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            alibi=True,
+            multi_query=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        ),
+        None,
+    ),
     # Attention written out (Hugging Face "eager"), with tanh soft-capping and alternating
     # sliding windows (Gemma-2).
     "llama_eager": (

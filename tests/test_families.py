@@ -32,6 +32,8 @@ GROUPS = {
         ],
         " ulysses (",
     ),
+    # ALiBi (Falcon): a per-head float bias, kept as the model's dense mask.
+    "alibi": (2, ["falcon_alibi"], " ulysses ("),
     "attention_forms": (2, ["llama_eager", "gemma2_softcap"], " ulysses ("),
     # The matrix at a degree that divides no model's heads: ring, masks and soft-caps.
     "sp3_decoders": (
@@ -47,6 +49,7 @@ GROUPS = {
             "llama_packed",
             "bert_padding",
             "sequence_first",
+            "falcon_alibi",
         ],
         " ring (4 heads not divisible by 3",
     ),
@@ -67,5 +70,6 @@ def test_family_parity(group: str) -> None:
             assert result["logits_max_err"] <= LOGITS_TOL, (rank, name, result)
             assert result["gathered_ops"] == [], (name, result["gathered_ops"])
             assert all(strategy in line for line in result["attention"]), result["attention"]
-            # Every mask here is causal or structured: none is built S x S.
-            assert not any("dense mask" in line for line in result["attention"]), result
+            # Every mask but ALiBi's is causal or structured: none is built S x S.
+            dense = any("dense mask" in line for line in result["attention"])
+            assert dense == (name == "falcon_alibi"), result["attention"]

@@ -20,7 +20,7 @@ POINTWISE = frozenset(
     log1p log2 logical_and logical_not logical_or logical_xor logit long lt masked_fill maximum
     minimum mish mod mul nan_to_num ne neg not or pos pow reciprocal relu relu6 remainder
     round rsqrt sigmoid sign silu sin sinh softplus sqrt square sub tan tanh threshold to
-    true_divide truediv trunc type type_as where xor bfloat16 bool
+    true_divide truediv trunc type type_as where xor bfloat16 bool iadd isub imul itruediv
     """.split()
 )
 """Elementwise with broadcasting: rows never mix."""
