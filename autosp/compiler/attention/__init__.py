@@ -3,7 +3,9 @@
 ``ulysses.py`` trades the sequence shard for a head shard around the kernel (all-to-all);
 ``ring.py`` keeps the query rows and passes key/value blocks around the ring (send/recv);
 ``hybrid.py`` runs Ulysses inside groups and ring across them. The choice is made per attention
-call (``choose_strategy``) and recorded in the plan.
+call (``choose_strategy``) and recorded in the plan. ``load_balance.py`` moves a causal ring to
+the zigzag layout; ``mask_spec.py`` defines structured masks, which Ulysses computes with
+``blockwise.py`` and ring block by block; ``blocks.py`` is the block math both share.
 """
 
 from __future__ import annotations
