@@ -296,6 +296,30 @@ def _hint(size: Any) -> int:
     return size.node.hint if isinstance(size, torch.SymInt) else int(size)
 
 
+def _probe(
+    mask: Node,
+    example_inputs: list[Any],
+    positions: dict[Node, int],
+    syms: frozenset[sympy.Symbol],
+    seq_dims: dict[Node, int],
+) -> tuple[tuple[str, dict[Node, str]] | None, MaskSpec | None]:
+    """The causal verdict (with the candidate values it assumes) and the structured spec of
+    ``mask``'s subgraph, each None if it does not match."""
+    sub, inputs = _subgraph(mask)
+    constants = _constants(sub)
+    longest = max(constants, default=0) + 3
+    if longest > MAX_PROBE:
+        logger.info("autosp: the mask %s has constants too large to probe", mask.name)
+        return None, None
+    lengths = tuple(sorted({*PROBE_LENGTHS, longest}))
+    evaluate = _Evaluator(sub, inputs, example_inputs, positions, syms)
+    tokens = {p: seq_dims[p] for p in inputs if p in seq_dims}
+    return (
+        _probe_causal(evaluate, tokens, lengths),
+        _probe_spec(evaluate, tokens, positions, lengths, constants),
+    )
+
+
 def recognise_masks(
     gm: GraphModule, example_inputs: list[Any], syms: frozenset[sympy.Symbol]
 ) -> MaskPlan:
@@ -312,6 +336,8 @@ def recognise_masks(
                 seq_dims[p] = dims[0]
     masks: dict[str, str | MaskSpec] = {}
     specs: dict[str, MaskSpec] = {}
+    probed: dict[Node, tuple[tuple[str, dict[Node, str]] | None, MaskSpec | None]] = {}
+    # Hugging Face builds one mask for all layers: each mask's subgraph is probed once.
     guards: dict[int, InputGuard] = {}
     for node in gm.graph.nodes:
         if op_name(node) not in ATTENTION:
@@ -319,19 +345,11 @@ def recognise_masks(
         mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
         if not isinstance(mask, Node):
             continue
-        sub, inputs = _subgraph(mask)
-        constants = _constants(sub)
-        longest = max(constants, default=0) + 3
-        if longest > MAX_PROBE:
-            logger.info("autosp: the mask of %s has constants too large to probe", node.name)
-            continue
-        lengths = tuple(sorted({*PROBE_LENGTHS, longest}))
-        evaluate = _Evaluator(sub, inputs, example_inputs, positions, syms)
-        tokens = {p: seq_dims[p] for p in inputs if p in seq_dims}
-        spec = _probe_spec(evaluate, tokens, positions, lengths, constants)
+        if mask not in probed:
+            probed[mask] = _probe(mask, example_inputs, positions, syms, seq_dims)
+        found, spec = probed[mask]
         if spec is not None:
             specs[node.name] = spec
-        found = _probe_causal(evaluate, tokens, lengths)
         new_guards = ()
         if found is not None:
             verdict, chosen = found
@@ -349,5 +367,4 @@ def recognise_masks(
             logger.info("autosp: the mask of %s is not recognised; it is kept whole", node.name)
     if not guards:
         return MaskPlan(masks, ())
-    fallback = {**{n: m for n, m in masks.items() if isinstance(m, MaskSpec)}, **specs}
-    return MaskPlan(masks, tuple(guards.values()), MaskPlan(fallback, ()))
+    return MaskPlan(masks, tuple(guards.values()), MaskPlan(specs, ()))

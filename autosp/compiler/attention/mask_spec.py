@@ -50,6 +50,20 @@ class MaskSpec:
         return " + ".join(parts)
 
 
+Structure = tuple[int, "torch.Tensor | None", "torch.Tensor | None"]
+"""A structured mask's window, document ids and key validity, as the kernels take them."""
+
+
+def structure_of(
+    window: int, documents: torch.Tensor | None, valid: torch.Tensor | None
+) -> Structure | None:
+    """The structure these arguments give, or None when they give none (plain causal or
+    unmasked attention)."""
+    if window or documents is not None or valid is not None:
+        return window, documents, valid
+    return None
+
+
 def document_ids(positions: torch.Tensor) -> torch.Tensor:
     """Document index of each token of ``[B, S]`` positions: a new document starts wherever
     the position does not follow the previous one by 1 (as Hugging Face packs sequences)."""

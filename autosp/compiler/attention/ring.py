@@ -42,7 +42,7 @@ from autosp.compiler.attention.blocks import (
     accumulate_forward,
 )
 from autosp.compiler.attention.load_balance import permute_chunks
-from autosp.compiler.attention.mask_spec import structured_blocks
+from autosp.compiler.attention.mask_spec import Structure, structure_of, structured_blocks
 
 
 def _exchange(
@@ -123,10 +123,6 @@ def _zigzag_block(rank: int, src: int, rows: int) -> Block:
     return Block(slice(half, rows), ALL, False)
 
 
-Structure = tuple[int, "torch.Tensor | None", "torch.Tensor | None"]
-"""A structured mask's window, document ids and key validity (Note [Structured masks])."""
-
-
 def _ring_steps(
     kv: list[torch.Tensor],
     pg: dist.ProcessGroup,
@@ -168,7 +164,6 @@ def ring_attention_fwd(
     valid: torch.Tensor | None,
     is_causal: bool,
     window: int,
-    structured: bool,
     scale: float,
     softcap: float,
     seq_len: int,
@@ -178,10 +173,10 @@ def ring_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention forward on ``[..., H, L, D]`` blocks: output and fp32 log-sum-exp.
     ``mask``: this rank's query rows of the padded mask, ``[..., L, P*L]``, or None;
-    ``structured``: the mask is ``window``, ``documents`` and ``valid`` instead."""
+    or a structured mask by ``window``, ``documents`` and ``valid``."""
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-    structure = (window, documents, valid) if structured else None
+    structure = structure_of(window, documents, valid)
     steps = _ring_steps([k, v], _group(group), is_causal, seq_len, zigzag, mask, structure)
     for blocks, kv in steps:
         for block in blocks:
@@ -207,7 +202,6 @@ def ring_attention_bwd(
     valid: torch.Tensor | None,
     is_causal: bool,
     window: int,
-    structured: bool,
     scale: float,
     softcap: float,
     seq_len: int,
@@ -219,7 +213,7 @@ def ring_attention_bwd(
     pg = _group(group)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dkv = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v)]
-    structure = (window, documents, valid) if structured else None
+    structure = structure_of(window, documents, valid)
     for blocks, kv in _ring_steps([k, v], pg, is_causal, seq_len, zigzag, mask, structure):
         for block in blocks:
             accumulate_backward(
@@ -281,7 +275,7 @@ def ring_attention(
         pg = _group(group)
         rank, world = dist.get_rank(pg), dist.get_world_size(pg)
         mask = runtime.mask_rows(mask, seq_len, rank * rows, rows, world * rows)
-    structured = bool(window) or documents is not None or valid is not None
+    structured = structure_of(window, documents, valid) is not None
     zigzag = balance and is_causal and mask is None and not structured and rows % 2 == 0
     if zigzag:
         query, key, value = (permute_chunks(t, seq_dim, group, True) for t in (query, key, value))
@@ -294,7 +288,6 @@ def ring_attention(
         valid,
         is_causal,
         window,
-        structured,
         scale,
         softcap,
         seq_len,

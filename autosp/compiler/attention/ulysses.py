@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from autosp.comm import ops
 from autosp.compiler import runtime
 from autosp.compiler.attention.blockwise import blockwise_attention
+from autosp.compiler.attention.mask_spec import structure_of
 from autosp.compiler.attention.reference import softcapped_attention
 
 
@@ -83,7 +84,7 @@ def ulysses_attention(
     if kv_repeat > 1:
         key, value = (t.repeat_interleave(kv_repeat, dim=head_dim) for t in (key, value))
     q, k, v = (ops.all_to_all(t, head_dim, seq_dim, group) for t in (query, key, value))
-    if window or documents is not None or valid is not None:
+    if structure_of(window, documents, valid) is not None:
         out = blockwise_attention(
             q,
             k,
