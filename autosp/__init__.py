@@ -1,7 +1,8 @@
 """autosp: automatic sequence parallelism for PyTorch training, as a torch.compile pass."""
 
-from autosp.api import Config, SequenceParallel, parallelize
+from autosp.api import SequenceParallel, parallelize
 from autosp.comm.ops import count_collectives
+from autosp.config import Config
 from autosp.errors import AutoSPError, InputMismatchError
 from autosp.shards import gather_sequence
 

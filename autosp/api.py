@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,12 +14,11 @@ from autosp.comm.grad_sync import GradSync
 from autosp.compiler.attention.hybrid import hybrid_groups
 from autosp.compiler.backend import AutoSPBackend, TraceState
 from autosp.compiler.propagate import Plan
+from autosp.config import Config
 from autosp.errors import AutoSPError
 
 logger = logging.getLogger(__name__)
 
-INNER_BACKENDS = ("inductor", "aot_eager", "eager")
-ATTENTION_STRATEGIES = ("auto", "ulysses", "ring", "hybrid")
 
 LOGGER_METHODS = ("debug", "info", "warning", "warn", "error", "warning_once", "info_once")
 """Logging calls that Dynamo skips instead of breaking the graph (models warn mid-forward;
@@ -29,46 +27,6 @@ transformers adds ``warning_once`` to ``logging.Logger`` when it is imported).""
 
 def _logger_methods() -> set[Any]:
     return {getattr(logging.Logger, n) for n in LOGGER_METHODS if hasattr(logging.Logger, n)}
-
-
-@dataclass(kw_only=True, slots=True)
-class Config:
-    """Options of ``parallelize``; the defaults just work."""
-
-    backend: str = "inductor"
-    """Compiler for the rewritten graph: ``"inductor"`` or ``"aot_eager"`` (fast to compile)."""
-    attention: str = "auto"
-    """Attention strategy: ``"ulysses"`` (all-to-all, needs query heads divisible by the
-    degree), ``"ring"`` (key/value blocks passed around the ring, any head count),
-    ``"hybrid"`` (Ulysses over the largest degree dividing the heads, ring across), or
-    ``"auto"``: Ulysses where the heads allow it, else hybrid, else ring. ``model.plans``
-    shows the choice for each attention call."""
-    load_balance: bool = True
-    """Run causal ring attention in the zigzag layout, where every rank does the same work
-    (one extra all-to-all per tensor); False keeps the contiguous layout, for comparison."""
-    recognise_masks: bool = True
-    """Run attention masks that are causal for plain positions as ``is_causal`` (guarded at run
-    time); False keeps every mask the model builds (S x S memory), for comparison."""
-    sync_grads: bool = True
-    """Sum parameter gradients over the group after each backward. Turn off only when a
-    data-parallel wrapper over the same ranks already does it."""
-    bucket_mb: float = 25.0
-    """Size of the gradient all-reduce buckets."""
-    check_inputs: bool = True
-    """Check on the first call that every rank got the same batch (one small all-gather)."""
-
-    def __post_init__(self) -> None:
-        if self.backend not in INNER_BACKENDS:
-            raise ValueError(
-                f"autosp: backend {self.backend!r} is not one of {', '.join(INNER_BACKENDS)}"
-            )
-        if self.attention not in ATTENTION_STRATEGIES:
-            raise ValueError(
-                f"autosp: attention {self.attention!r} is not one of "
-                f"{', '.join(ATTENTION_STRATEGIES)}"
-            )
-        if self.bucket_mb <= 0:
-            raise ValueError(f"autosp: bucket_mb must be positive, got {self.bucket_mb}")
 
 
 def resolve_group(group: dist.ProcessGroup | DeviceMesh | None) -> dist.ProcessGroup:
@@ -117,6 +75,7 @@ class SequenceParallel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._state.seq_len = mark_sequence(args, kwargs)
+        self._state.labels_given = kwargs.get("labels") is not None
         try:
             with torch._dynamo.config.patch(ignore_logger_methods=_logger_methods()):
                 out = self._compiled(*args, **kwargs)
@@ -137,12 +96,6 @@ class SequenceParallel(nn.Module):
                 f"({type(err).__name__}: {str(err).splitlines()[0]}). autosp needs the whole "
                 "forward in one graph; remove the graph break (see TORCH_LOGS=graph_breaks)." + hint
             ) from err
-        if kwargs.get("labels") is not None and _loss_of(out) is None:
-            raise AutoSPError(
-                "autosp: labels were given but the model returned no loss. autosp computes the "
-                "loss inside the model so that it is exact across ranks; return the loss from "
-                "forward (Hugging Face models do when labels= is passed)."
-            )
         return out
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -156,12 +109,6 @@ class SequenceParallel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.module, name)
-
-
-def _loss_of(out: Any) -> Any:
-    if isinstance(out, dict):
-        return out.get("loss")
-    return getattr(out, "loss", None)
 
 
 def mark_sequence(args: tuple, kwargs: dict) -> int:

@@ -10,3 +10,8 @@ class AutoSPError(RuntimeError):
 
 class InputMismatchError(AutoSPError, ValueError):
     """Ranks of one sequence-parallel group were given different batches."""
+
+
+class CollectiveError(AutoSPError):
+    """A collective over the sequence-parallel group failed: another rank exited, stopped
+    responding, or ran a different collective."""

@@ -10,26 +10,25 @@ inputs and trims sharded outputs.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import sympy
 import torch
 import torch.distributed as dist
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from autosp.compiler import runtime
-from autosp.compiler.eager_attention import fuse_eager_attention_pass
-from autosp.compiler.masks import MaskPlan, recognise_masks
-from autosp.compiler.ops_table import ATTENTION, op_name
-from autosp.compiler.propagate import GroupInfo, Plan, ShardingPass, meta
-from autosp.errors import AutoSPError, InputMismatchError
+from autosp.compiler.context import CompileContext, GroupInfo
+from autosp.compiler.find_sequence import input_name, is_user_input
+from autosp.compiler.masks import MaskPlan
+from autosp.compiler.pipeline import ANALYSIS_PASSES, REWRITE_PASSES, run_passes
+from autosp.compiler.propagate import Plan
+from autosp.errors import InputMismatchError
 from autosp.shards import register_shard
 
 if TYPE_CHECKING:
-    from autosp.api import Config
+    from autosp.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -39,58 +38,8 @@ class TraceState:
     """What the module wrapper tells the backend about the call being traced."""
 
     seq_len: int = 0
+    labels_given: bool = False
     plans: list[Plan] = field(default_factory=list)
-
-
-def is_user_input(node: Node) -> bool:
-    """A placeholder fed by the caller's arguments, not by a parameter or buffer."""
-    grapharg = node.meta.get("grapharg")
-    if grapharg is None or not isinstance(meta(node), torch.Tensor):
-        return False
-    name = grapharg.source.name
-    return not any(part in name for part in ("_parameters", "_buffers", "_modules"))
-
-
-def input_name(node: Node) -> str:
-    """The caller's name for an input placeholder: ``input_ids`` for ``L['kwargs']['input_ids']``,
-    ``argument 1`` for ``L['args'][1]``."""
-    source = node.meta["grapharg"].source.name
-    found = re.findall(r"\['([^']+)'\]|\[(\d+)\]", source)
-    if not found:
-        return source
-    key, index = found[-1]
-    return key or f"argument {index}"
-
-
-def find_sequence(gm: GraphModule, seq_len: int) -> tuple[frozenset[sympy.Symbol], tuple[str, int]]:
-    """The symbols that stand for the sequence length, and one (placeholder, dim) holding it."""
-    syms: set[sympy.Symbol] = set()
-    source: tuple[str, int] | None = None
-    for node in gm.graph.find_nodes(op="placeholder"):
-        if not is_user_input(node):
-            continue
-        for dim, size in enumerate(meta(node).shape):
-            if isinstance(size, torch.SymInt) and size.node.hint == seq_len:
-                expr = size.node.expr
-                if isinstance(expr, sympy.Symbol):
-                    syms.add(expr)
-                    source = source or (node.name, dim)
-    if source is None:
-        raise AutoSPError(
-            f"autosp: no input of the compiled graph has a dynamic sequence dimension of length "
-            f"{seq_len}; the model code specialised the sequence length. Check for Python "
-            "branches on the sequence length in the model's forward."
-        )
-    return frozenset(syms), source
-
-
-def check_attention(gm: GraphModule) -> None:
-    if not any(op_name(n) in ATTENTION for n in gm.graph.nodes):
-        raise AutoSPError(
-            "autosp: no attention found in the captured graph. autosp recognises "
-            "torch.nn.functional.scaled_dot_product_attention and attention written out as "
-            "matmul-softmax-matmul; a model without attention has nothing to split."
-        )
 
 
 Compile = Callable[[MaskPlan], tuple[Callable[..., Any], Plan]]
@@ -185,36 +134,31 @@ class AutoSPBackend:
     hybrid: dict[int, tuple[str, str]]
 
     def __call__(self, gm: GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        fuse_eager_attention_pass(gm)
-        check_attention(gm)
-        syms, source = find_sequence(gm, self.state.seq_len)
-        group = GroupInfo(
-            dist.get_rank(self.group),
-            dist.get_world_size(self.group),
-            self.group.group_name,
-            self.hybrid,
+        ctx = CompileContext(
+            GroupInfo(
+                dist.get_rank(self.group),
+                dist.get_world_size(self.group),
+                self.group.group_name,
+                self.hybrid,
+            ),
+            self.config,
+            list(example_inputs),
+            self.state.seq_len,
+            self.state.labels_given,
         )
+        gm = run_passes(ANALYSIS_PASSES, gm, ctx)
         inner = torch._dynamo.lookup_backend(self.config.backend)
 
         def compile_graph(masks: MaskPlan) -> tuple[Callable[..., Any], Plan]:
-            local_gm, plan = ShardingPass(
-                gm,
-                group,
-                syms,
-                source,
-                masks.masks,
-                self.config.attention,
-                self.config.load_balance,
-            ).run()
+            ctx.masks = masks
+            local_gm = run_passes(REWRITE_PASSES, gm, ctx)
+            plan = ctx.plan
             logger.debug("autosp rank-local graph:\n%s", local_gm.code)
             for line in plan.attention + plan.loss:
                 logger.info("autosp: %s", line)
             self.state.plans.append(plan)
             return inner(local_gm, list(example_inputs)), plan
 
-        masks = (
-            recognise_masks(gm, example_inputs, syms)
-            if self.config.recognise_masks
-            else MaskPlan({}, ())
+        return Runner(
+            compile_graph, ctx.masks, gm, self.group, ctx.seq_source, self.config.check_inputs
         )
-        return Runner(compile_graph, masks, gm, self.group, source, self.config.check_inputs)

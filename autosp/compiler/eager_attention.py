@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from autosp.compiler.attention.reference import softcapped_attention
-from autosp.compiler.ops_table import op_name
-from autosp.compiler.propagate import meta
+from autosp.compiler.context import CompileContext
+from autosp.compiler.ops_table import meta, op_name
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +109,8 @@ def _softmax_dim_is_last(node: Node) -> bool:
     return isinstance(dim, int) and dim % meta(node).dim() == meta(node).dim() - 1
 
 
-def fuse_eager_attention_pass(gm: GraphModule) -> int:
-    """Replace written-out attention chains by ``scaled_dot_product_attention``; return how many."""
+def fuse_eager_attention_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
+    """Replace written-out attention chains by ``scaled_dot_product_attention``."""
     fused = 0
     for node in list(gm.graph.nodes):
         if op_name(node) != "matmul" or len(node.args) != 2:
@@ -146,4 +146,4 @@ def fuse_eager_attention_pass(gm: GraphModule) -> int:
         gm.graph.eliminate_dead_code()
         gm.recompile()
         logger.info("autosp: %d written-out attention chains run as one attention call", fused)
-    return fused
+    return gm

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.fx import Node
+from torch.fx import GraphModule, Node
 
 from autosp.comm import ops
-from autosp.compiler.ops_table import op_name
+from autosp.compiler.args import bind_defaults
+from autosp.compiler.context import CompileContext
+from autosp.compiler.find_sequence import input_name
+from autosp.compiler.ops_table import meta, op_name
 from autosp.compiler.placement import Partial, Replicate, Shard
-from autosp.compiler.propagate import ShardingPass, UnsupportedOp, meta
+from autosp.compiler.propagate import ShardingPass, UnsupportedOp, rule
+from autosp.errors import AutoSPError
 
 
 def mean_loss(
@@ -48,13 +52,14 @@ def mean_loss(
     return both[0] / both[1]
 
 
+@rule("cross_entropy", "nll_loss")
 def shard_loss(sp: ShardingPass, node: Node) -> None:
     """Rewrite ``cross_entropy`` / ``nll_loss`` on sharded logits into its exact sharded form."""
-    from autosp.compiler.rules import bind
-
     name = op_name(node)
     fn = F.cross_entropy if name == "cross_entropy" else F.nll_loss
-    args = bind(fn, node).arguments
+    args = bind_defaults(fn, node)
+    if args is None:
+        raise UnsupportedOp("the loss call's arguments match no signature")
     logits, target = args["input"], args["target"]
     placement = sp.placement(logits)
     if not isinstance(placement, Shard) or isinstance(sp.placement(target), Partial):
@@ -87,3 +92,23 @@ def shard_loss(sp: ShardingPass, node: Node) -> None:
         sp.env[node] = out
         sp.placements[node] = Partial() if reduction == "sum" else target_placement
     sp.plan.loss.append(f"{node.name}: {name} (reduction={reduction}) over sharded tokens")
+
+
+def require_loss_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
+    """Refuse a call given ``labels=`` whose graph returns nothing computed from them: the
+    caller would compute the loss outside, on this rank's rows only."""
+    if not ctx.labels_given:
+        return gm
+    labels = [p for p in gm.graph.find_nodes(op="placeholder") if input_name(p) == "labels"]
+    reached = set(labels)
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" and any(a in reached for a in node.all_input_nodes):
+            reached.add(node)
+    (output,) = gm.graph.find_nodes(op="output")
+    if not any(a in reached for a in output.all_input_nodes):
+        raise AutoSPError(
+            "autosp: labels were given but the model returned no loss computed from them. "
+            "autosp computes the loss inside the model so that it is exact across ranks; "
+            "return the loss from forward (Hugging Face models do when labels= is passed)."
+        )
+    return gm

@@ -18,9 +18,18 @@ The mask may also be structured (Note [Structured masks]): sliding windows, docu
 by restarting positions, key padding. Those are found by evaluating the subgraph on sampled
 inputs (each token input tried as positions, packed at random cut points, or as a random 0/1
 padding mask) and comparing with every spec built from the rules and the subgraph's integer
-constants (window candidates). A spec is a function of the inputs, so it needs no guard; it is
-used where the causal verdict is not (its guard failed, or the mask is not causal). A mask
-that is neither runs as the model builds it.
+constants (window candidates). A spec is a function of the inputs, but matched only on the
+sampled values: a padding input is guarded to hold only 0 and 1 (an ``attention_mask`` of
+document ids 1, 2, 3 is not a padding mask). Specs are used where the causal verdict is not
+(its guard failed, or the mask is not causal). A mask that is neither runs as the model builds
+it.
+
+Inputs that are not token inputs are evaluated at their values in the traced call: a
+non-sequence tensor (a prefix length, a buffer) of at most ``GUARD_NUMEL`` elements that needs
+no gradient, or an integer that is not the size of a tensor input. Every verdict of a mask that
+reads one is guarded by that value; a mask reading a larger or trained tensor is not
+recognised. The plans thus form a chain: causal verdicts and specs, then specs alone, then
+none, each used when its guards hold (``MaskPlan``).
 
 Probe lengths include one above every integer constant of the subgraph: a window of 4096
 looks causal at length 8. A subgraph with a constant above ``MAX_PROBE`` is not recognised.
@@ -39,8 +48,8 @@ from torch.fx import Graph, GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from autosp.compiler.attention.mask_spec import MaskSpec, allowed, document_ids
-from autosp.compiler.ops_table import ATTENTION, op_name
-from autosp.compiler.propagate import meta
+from autosp.compiler.context import CompileContext
+from autosp.compiler.ops_table import ATTENTION, meta, op_name
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +64,9 @@ TRIALS = 3
 
 CANDIDATES = ("arange", "ones")
 
+GUARD_NUMEL = 4096
+"""The largest non-sequence tensor a recognised mask may read (compared at every call)."""
+
 
 @dataclass(frozen=True, slots=True)
 class InputGuard:
@@ -67,19 +79,43 @@ class InputGuard:
     def holds(self, value: torch.Tensor) -> bool:
         if self.kind == "ones":
             return bool((value == 1).all())
+        if self.kind == "binary":  # the values a padding role was matched on
+            return bool(((value == 0) | (value == 1)).all())
         positions = torch.arange(value.shape[self.dim], device=value.device)
         shape = [1] * value.dim()
         shape[self.dim] = -1
         return bool((value == positions.view(shape)).all())
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class ValueGuard:
+    """Placeholder ``index`` (an input a mask reads that is not a token input) must equal the
+    ``value`` it had when the mask was probed."""
+
+    index: int
+    value: torch.Tensor | int
+
+    def holds(self, value: torch.Tensor | int) -> bool:
+        if not isinstance(self.value, torch.Tensor):
+            return value == self.value
+        return (
+            isinstance(value, torch.Tensor)
+            and value.shape == self.value.shape
+            and torch.equal(value.to(self.value.device), self.value)
+        )
+
+
+Guard = InputGuard | ValueGuard
+
+
 @dataclass(frozen=True, slots=True)
 class MaskPlan:
     """For each recognised attention node: its replacement (``"causal"``, ``"none"`` or a
-    ``MaskSpec``), the guards of the causal verdicts, and the plan used when they fail."""
+    ``MaskSpec``), valid when all ``guards`` hold; else ``fallback`` (None: no mask
+    recognised) is tried."""
 
     masks: dict[str, str | MaskSpec]
-    guards: tuple[InputGuard, ...]
+    guards: tuple[Guard, ...]
     fallback: MaskPlan | None = None
 
 
@@ -197,8 +233,9 @@ def _probe_causal(
 
 def _sample(role: str, shape: list[int], dtype: torch.dtype, trial: int, gen) -> torch.Tensor:  # noqa: ANN001
     """Trial ``trial`` of a ``[B, n]`` token input playing ``role``: positions of documents
-    packed at two random cuts per row (trial 0: one document), or a random 0/1 padding mask
-    (trial 0: all ones)."""
+    packed at two random cuts per row (trial 0: one document), each starting at 0 (trial 1) or
+    at any position (trial 2: documents continued from an earlier sequence), or a random 0/1
+    padding mask (trial 0: all ones)."""
     batch, n = shape
     if role == "padding":
         values = torch.rand(batch, n, generator=gen) > 0.3 if trial else torch.ones(batch, n)
@@ -206,8 +243,10 @@ def _sample(role: str, shape: list[int], dtype: torch.dtype, trial: int, gen) ->
     values = torch.arange(n).repeat(batch, 1)
     if trial:
         for row in values:
-            for cut in sorted(torch.randint(1, n, (2,), generator=gen).tolist()):
-                row[cut:] = torch.arange(n - cut)
+            starts = torch.randint(n if trial > 1 else 1, (3,), generator=gen).tolist()
+            cuts = [0, *sorted(torch.randint(1, n, (2,), generator=gen).tolist())]
+            for cut, start in zip(cuts, starts, strict=True):
+                row[cut:] = start + torch.arange(n - cut)
     return values.to(dtype)
 
 
@@ -296,35 +335,73 @@ def _hint(size: Any) -> int:
     return size.node.hint if isinstance(size, torch.SymInt) else int(size)
 
 
+def _fixed_inputs(
+    inputs: list[Node], seq_dims: dict[Node, int], sizes: set[sympy.Symbol]
+) -> list[Node] | None:
+    """The inputs a probe evaluates at their traced values (they must be guarded), or None if
+    one of them cannot be (a tensor needing gradients, or larger than ``GUARD_NUMEL``)."""
+    fixed = []
+    for p in inputs:
+        value = meta(p)
+        if isinstance(value, torch.SymInt):
+            if value.node.expr not in sizes:
+                fixed.append(p)
+        elif isinstance(value, torch.Tensor) and p not in seq_dims:
+            if value.requires_grad or value.numel() > GUARD_NUMEL:
+                return None
+            fixed.append(p)
+    return fixed
+
+
+Probed = tuple[tuple[str, dict[Node, str]] | None, MaskSpec | None, list[Node]]
+
+
 def _probe(
     mask: Node,
     example_inputs: list[Any],
     positions: dict[Node, int],
     syms: frozenset[sympy.Symbol],
     seq_dims: dict[Node, int],
-) -> tuple[tuple[str, dict[Node, str]] | None, MaskSpec | None]:
+    sizes: set[sympy.Symbol],
+) -> Probed:
     """The causal verdict (with the candidate values it assumes) and the structured spec of
-    ``mask``'s subgraph, each None if it does not match."""
+    ``mask``'s subgraph, each None if it does not match, and the inputs both assume the traced
+    values of (``_fixed_inputs``)."""
     sub, inputs = _subgraph(mask)
+    fixed = _fixed_inputs(inputs, seq_dims, sizes)
+    if fixed is None:
+        logger.info("autosp: the mask %s reads a trained or large tensor", mask.name)
+        return None, None, []
     constants = _constants(sub)
     longest = max(constants, default=0) + 3
     if longest > MAX_PROBE:
         logger.info("autosp: the mask %s has constants too large to probe", mask.name)
-        return None, None
+        return None, None, []
     lengths = tuple(sorted({*PROBE_LENGTHS, longest}))
     evaluate = _Evaluator(sub, inputs, example_inputs, positions, syms)
     tokens = {p: seq_dims[p] for p in inputs if p in seq_dims}
     return (
         _probe_causal(evaluate, tokens, lengths),
         _probe_spec(evaluate, tokens, positions, lengths, constants),
+        fixed,
     )
+
+
+def recognise_masks_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
+    """Record in ``ctx.masks`` the attention masks that are causal (or empty) for guarded input
+    values, and the structured ones (Note [Mask probing]); none if the config says so."""
+    ctx.masks = (
+        recognise_masks(gm, ctx.example_inputs, ctx.seq_syms)
+        if ctx.config.recognise_masks
+        else MaskPlan({}, ())
+    )
+    return gm
 
 
 def recognise_masks(
     gm: GraphModule, example_inputs: list[Any], syms: frozenset[sympy.Symbol]
 ) -> MaskPlan:
-    """Find the attention masks that are causal (or empty) for guarded input values, and the
-    structured ones (Note [Mask probing])."""
+    """The ``MaskPlan`` of ``gm``'s attention masks."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     positions = {p: i for i, p in enumerate(placeholders)}
     seq_dims = {}
@@ -334,11 +411,21 @@ def recognise_masks(
             dims = [d for d, s in enumerate(value.shape) if _is_seq(s, syms)]
             if len(dims) == 1 and not value.is_floating_point():
                 seq_dims[p] = dims[0]
+    sizes = {
+        s.node.expr
+        for p in placeholders
+        if isinstance(meta(p), torch.Tensor)
+        for s in meta(p).shape
+        if isinstance(s, torch.SymInt)
+    }
+    values: dict[Node, ValueGuard] = {}  # made once per input, when a probe reads it
     masks: dict[str, str | MaskSpec] = {}
     specs: dict[str, MaskSpec] = {}
-    probed: dict[Node, tuple[tuple[str, dict[Node, str]] | None, MaskSpec | None]] = {}
+    probed: dict[Node, Probed] = {}
     # Hugging Face builds one mask for all layers: each mask's subgraph is probed once.
-    guards: dict[int, InputGuard] = {}
+    candidates: dict[int, InputGuard] = {}  # the causal verdicts' (one candidate per input)
+    guards: dict[tuple[int, str], Guard] = {}  # all of the first plan's
+    spec_guards: dict[tuple[int, str], Guard] = {}
     for node in gm.graph.nodes:
         if op_name(node) not in ATTENTION:
             continue
@@ -346,25 +433,40 @@ def recognise_masks(
         if not isinstance(mask, Node):
             continue
         if mask not in probed:
-            probed[mask] = _probe(mask, example_inputs, positions, syms, seq_dims)
-        found, spec = probed[mask]
+            probed[mask] = _probe(mask, example_inputs, positions, syms, seq_dims, sizes)
+        found, spec, fixed = probed[mask]
+        for p in fixed:
+            if p not in values:
+                value = example_inputs[positions[p]]
+                value = value.detach().clone() if isinstance(value, torch.Tensor) else int(value)
+                values[p] = ValueGuard(positions[p], value)
+        assumed: dict[tuple[int, str], Guard] = {
+            (values[p].index, "value"): values[p] for p in fixed
+        }
         if spec is not None:
             specs[node.name] = spec
+            if spec.padding is not None:
+                assumed[(spec.padding, "binary")] = InputGuard(spec.padding, "binary", 1)
+            spec_guards.update(assumed)
         new_guards = ()
         if found is not None:
             verdict, chosen = found
             new_guards = tuple(
                 InputGuard(positions[p], kind, seq_dims[p]) for p, kind in chosen.items()
             )
-            if any(guards.get(g.index, g) != g for g in new_guards):
+            if any(candidates.get(g.index, g) != g for g in new_guards):
                 found = None
         if found is not None:
             masks[node.name] = verdict
-            guards.update({g.index: g for g in new_guards})
+            candidates.update({g.index: g for g in new_guards})
+            guards.update({(g.index, g.kind): g for g in new_guards})
+            guards.update({key: g for key, g in assumed.items() if key[1] == "value"})
         elif spec is not None:
             masks[node.name] = spec
+            guards.update(assumed)
         else:
             logger.info("autosp: the mask of %s is not recognised; it is kept whole", node.name)
-    if not guards:
-        return MaskPlan(masks, ())
-    return MaskPlan(masks, tuple(guards.values()), MaskPlan(specs, ()))
+    spec_plan = MaskPlan(specs, tuple(spec_guards.values()), MaskPlan({}, ()))
+    if masks == specs:
+        return spec_plan if spec_guards else MaskPlan(specs, ())
+    return MaskPlan(masks, tuple(guards.values()), spec_plan)

@@ -7,6 +7,7 @@ and ``Tensor.add`` are all ``"add"``) or the method name of a ``call_method`` no
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 from torch.fx import Node
@@ -56,6 +57,11 @@ SIZE_OPS = frozenset("size sym_size dim numel".split())
 
 ATTENTION = frozenset({"scaled_dot_product_attention", "softcapped_attention"})
 """Attention calls (SDPA and autosp's reference for what SDPA cannot express)."""
+
+
+def meta(node: Any) -> Any:
+    """The traced (fake) value of a node; None for anything else."""
+    return node.meta.get("example_value") if isinstance(node, Node) else None
 
 
 def op_name(node: Node) -> str:

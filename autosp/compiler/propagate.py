@@ -19,6 +19,7 @@ rule that passes a size to an op on a sharded value rewrites it to the local siz
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,21 +31,10 @@ from torch.utils import _pytree as pytree
 
 import autosp.comm.ops  # noqa: F401 - registers the torch.ops.autosp collectives
 from autosp.compiler import runtime
-from autosp.compiler.ops_table import op_name
+from autosp.compiler.context import CompileContext, GroupInfo
+from autosp.compiler.ops_table import ATTENTION, meta, op_name
 from autosp.compiler.placement import REPLICATE, Partial, Placement, Replicate, Shard
 from autosp.compiler.seqdims import SeqDim, seq_dims
-
-
-@dataclass(slots=True)
-class GroupInfo:
-    """The sequence-parallel group as the rewritten graph sees it (constants per rank)."""
-
-    rank: int
-    world: int
-    name: str
-    hybrid: dict[int, tuple[str, str]] = field(default_factory=dict)
-    """For each Ulysses size ``u`` (a proper divisor of ``world``): this rank's Ulysses group
-    and ring names for hybrid attention."""
 
 
 @dataclass(slots=True)
@@ -68,10 +58,6 @@ class Plan:
 
 class UnsupportedOp(Exception):
     """Raised by a rule that cannot keep its op sharded; the pass gathers instead."""
-
-
-def meta(node: Any) -> Any:
-    return node.meta.get("example_value") if isinstance(node, Node) else None
 
 
 def is_param(node: Any) -> bool:
@@ -114,8 +100,6 @@ class ShardingPass:
 
     # ------------------------------------------------------------------ entry point
     def run(self) -> tuple[GraphModule, Plan]:
-        from autosp.compiler.rules import apply_rule
-
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 self.env[node] = self.graph.node_copy(node, lambda n: self.env[n])
@@ -145,6 +129,7 @@ class ShardingPass:
 
     def emit(self, node: Node, args: tuple, kwargs: dict, placement: Any) -> Node:
         """Emit ``node``'s op with new (local) arguments and record its placement."""
+        args, kwargs = map_arg((args, kwargs), self._own)
         new = self.graph.create_node(node.op, node.target, args, kwargs, name=node.name)
         new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
         self.env[node] = new
@@ -152,7 +137,24 @@ class ShardingPass:
         return new
 
     def call(self, fn: Any, *args: Any, **kwargs: Any) -> Node:
+        """Emit ``fn(*args, **kwargs)``; scalar values of the source graph (a ``SymFloat``
+        scale, a ``SymInt`` size) are mapped to their local nodes."""
+        args, kwargs = map_arg((args, kwargs), self._own)
         return self.graph.call_function(fn, args, kwargs)
+
+    def _own(self, node: Node) -> Node:
+        if node.graph is self.graph:
+            return node
+        if isinstance(meta(node), torch.Tensor):
+            raise AssertionError(
+                f"autosp internal error: tensor {node.name} of the source graph was passed to "
+                "the rank-local graph without choosing its placement"
+            )
+        return self.env[node]
+
+    def emit_local(self, node: Node, placement: Any) -> None:
+        """Emit ``node`` on the local values of its arguments."""
+        self.emit(node, *self.local((node.args, node.kwargs)), placement)
 
     def local(self, arg: Any) -> Any:
         """The local value of an argument, whatever its placement."""
@@ -257,3 +259,120 @@ class ShardingPass:
         ):
             return self.call(torch.ops.autosp.scale_grad.default, whole, 1.0 / self.group.world)
         return whole
+
+
+# --------------------------------------------------------------------------- rules
+
+Rule = Callable[[ShardingPass, Node], None]
+RULES: dict[str, Rule] = {}
+
+
+def rule(*names: str, default: bool = False) -> Callable[[Rule], Rule]:
+    """Register a rule for ops named ``names`` (as ``op_name`` spells them). A ``default``
+    rule (one for a whole family, such as pointwise ops) does not replace a specific one."""
+
+    def register(fn: Rule) -> Rule:
+        for name in names:
+            if not (default and name in RULES):
+                RULES[name] = fn
+        return fn
+
+    return register
+
+
+def needs_grad(value: Any) -> bool:
+    """Whether any tensor in a traced value (a tensor, or a tuple such as ``topk``'s)
+    requires grad."""
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in pytree.tree_leaves(value))
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return any(isinstance(v, torch.Tensor) for v in value)
+    return isinstance(value, torch.Tensor)
+
+
+def tensor_args(node: Node) -> list[Node]:
+    """The arguments of ``node`` that are tensors (or tuples of tensors, as from ``split``)."""
+    flat = pytree.tree_leaves((node.args, node.kwargs))
+    return [a for a in flat if isinstance(a, Node) and _holds_tensor(meta(a))]
+
+
+def apply_rule(sp: ShardingPass, node: Node) -> None:
+    """Emit ``node`` on this rank: by its rule, a plain copy, or gathered inputs."""
+    name = op_name(node)
+    inputs = tensor_args(node)
+    distributed = [a for a in inputs if not isinstance(sp.placement(a), Replicate)]
+    if not distributed and name not in ATTENTION:
+        start = _token_input_to_shard(sp, node, inputs)
+        if start is None:
+            _emit_replicated(sp, node)
+            return
+        # Shard the token tensor for this op only; other users keep the whole value.
+        (dim,) = [d for d in sp.seq_dims(start) if not d.merged and d.length == 0]
+        saved = sp.env[start], sp.placements[start]
+        sp.env[start] = sp.shard(start, Shard(dim.dim))
+        sp.placements[start] = Shard(dim.dim)
+        try:
+            _dispatch(sp, node, name)
+        finally:
+            sp.env[start], sp.placements[start] = saved
+        return
+    _dispatch(sp, node, name)
+
+
+def _dispatch(sp: ShardingPass, node: Node, name: str) -> None:
+    handler = RULES.get(name)
+    if handler is None:
+        sp.gather_fallback(node, "no rule for this op")
+        return
+    try:
+        handler(sp, node)
+    except UnsupportedOp as err:
+        sp.gather_fallback(node, str(err))
+
+
+LOSS = Replicate(loss_grad=True)
+
+
+def _emit_replicated(sp: ShardingPass, node: Node) -> None:
+    """Copy an op on replicated inputs. Scalar arithmetic on the loss keeps the loss mark (its
+    gradient arrives whole on every rank); an op mixing the loss with other replicated values
+    (whose gradients are partial) makes the loss's gradient partial too, so ``sum_grad`` sums
+    it back before the loss's identity-backward all-reduce."""
+    inputs = tensor_args(node)
+    marked = {a for a in inputs if sp.placement(a) == LOSS}
+    others_need_grad = any(a not in marked and needs_grad(meta(a)) for a in inputs)
+    if marked and not others_need_grad:
+        sp.emit_local(node, LOSS)
+        return
+    summed = {a: sp.call(torch.ops.autosp.sum_grad.default, sp.env[a], sp.name) for a in marked}
+    args, kwargs = map_arg((node.args, node.kwargs), lambda n: summed.get(n, sp.env[n]))
+    sp.emit(node, args, kwargs, REPLICATE)
+
+
+def _token_input_to_shard(sp: ShardingPass, node: Node, inputs: list[Node]) -> Node | None:
+    """The whole token tensor that ``node`` computes on with a parameter, if any."""
+    if not any(is_param(a) for a in inputs):
+        return None
+    for arg in inputs:
+        if is_param(arg):
+            continue
+        dims = [d for d in sp.seq_dims(arg) if not d.merged and d.length == 0]
+        if len(dims) == 1:
+            return arg
+    return None
+
+
+def shard_sequence_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
+    """The rank-local graph of ``gm`` for ``ctx``'s mask plan; records the plan in ``ctx``."""
+    local_gm, ctx.plan = ShardingPass(
+        gm,
+        ctx.group,
+        ctx.seq_syms,
+        ctx.seq_source,
+        ctx.masks.masks,
+        ctx.config.attention,
+        ctx.config.load_balance,
+    ).run()
+    return local_gm

@@ -9,132 +9,29 @@ token tensor first slices that tensor: this is where the token path is sharded.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.fx import Node
-from torch.fx.node import map_arg
 from torch.utils import _pytree as pytree
 
 from autosp.compiler import runtime
+from autosp.compiler.args import arguments
 from autosp.compiler.ops_table import (
-    ATTENTION,
     FACTORY,
     LAYOUT,
     POINTWISE,
     REDUCE_DIM,
     SHAPE_ARG_OPS,
     SIZE_OPS,
+    meta,
     op_name,
 )
 from autosp.compiler.placement import REPLICATE, Partial, Replicate, Shard, normalize_dim
-from autosp.compiler.propagate import ShardingPass, UnsupportedOp, is_param, meta
+from autosp.compiler.propagate import ShardingPass, UnsupportedOp, rule, tensor_args
 from autosp.compiler.seqdims import SeqDim, hint
-
-Rule = Callable[[ShardingPass, Node], None]
-RULES: dict[str, Rule] = {}
-
-
-def rule(*names: str) -> Callable[[Rule], Rule]:
-    def register(fn: Rule) -> Rule:
-        for name in names:
-            RULES[name] = fn
-        return fn
-
-    return register
-
-
-def _holds_tensor(value: Any) -> bool:
-    if isinstance(value, (tuple, list)):
-        return any(isinstance(v, torch.Tensor) for v in value)
-    return isinstance(value, torch.Tensor)
-
-
-def tensor_args(node: Node) -> list[Node]:
-    """The arguments of ``node`` that are tensors (or tuples of tensors, as from ``split``)."""
-    flat = pytree.tree_leaves((node.args, node.kwargs))
-    return [a for a in flat if isinstance(a, Node) and _holds_tensor(meta(a))]
-
-
-def apply_rule(sp: ShardingPass, node: Node) -> None:
-    """Emit ``node`` on this rank: by its rule, a plain copy, or gathered inputs."""
-    name = op_name(node)
-    inputs = tensor_args(node)
-    distributed = [a for a in inputs if not isinstance(sp.placement(a), Replicate)]
-    if not distributed and name not in ATTENTION:
-        start = _token_input_to_shard(sp, node, inputs)
-        if start is None:
-            _emit_replicated(sp, node)
-            return
-        # Shard the token tensor for this op only; other users keep the whole value.
-        (dim,) = [d for d in sp.seq_dims(start) if not d.merged and d.length == 0]
-        saved = sp.env[start], sp.placements[start]
-        sp.env[start] = sp.shard(start, Shard(dim.dim))
-        sp.placements[start] = Shard(dim.dim)
-        try:
-            _dispatch(sp, node, name)
-        finally:
-            sp.env[start], sp.placements[start] = saved
-        return
-    _dispatch(sp, node, name)
-
-
-def _dispatch(sp: ShardingPass, node: Node, name: str) -> None:
-    if name in SIZE_OPS:
-        _size(sp, node)
-        return
-    handler = RULES.get(name)
-    if handler is None and name in POINTWISE:
-        handler = pointwise
-    if handler is None and name in LAYOUT:
-        handler = layout
-    if handler is None and name in REDUCE_DIM:
-        handler = reduce_dim
-    if handler is None and name in FACTORY:
-        handler = factory
-    if handler is None:
-        sp.gather_fallback(node, "no rule for this op")
-        return
-    try:
-        handler(sp, node)
-    except UnsupportedOp as err:
-        sp.gather_fallback(node, str(err))
-
-
-LOSS = Replicate(loss_grad=True)
-
-
-def _emit_replicated(sp: ShardingPass, node: Node) -> None:
-    """Copy an op on replicated inputs. Scalar arithmetic on the loss keeps the loss mark (its
-    gradient arrives whole on every rank); an op mixing the loss with other replicated values
-    (whose gradients are partial) makes the loss's gradient partial too, so ``sum_grad`` sums
-    it back before the loss's identity-backward all-reduce."""
-    inputs = tensor_args(node)
-    marked = {a for a in inputs if sp.placement(a) == LOSS}
-    others_need_grad = any(a not in marked and meta(a).requires_grad for a in inputs)
-    if marked and not others_need_grad:
-        _emit_local(sp, node, LOSS)
-        return
-    summed = {a: sp.call(torch.ops.autosp.sum_grad.default, sp.env[a], sp.name) for a in marked}
-    args, kwargs = map_arg((node.args, node.kwargs), lambda n: summed.get(n, sp.env[n]))
-    sp.emit(node, args, kwargs, REPLICATE)
-
-
-def _token_input_to_shard(sp: ShardingPass, node: Node, inputs: list[Node]) -> Node | None:
-    """The whole token tensor that ``node`` computes on with a parameter, if any."""
-    if not any(is_param(a) for a in inputs):
-        return None
-    for arg in inputs:
-        if is_param(arg):
-            continue
-        dims = [d for d in sp.seq_dims(arg) if not d.merged and d.length == 0]
-        if len(dims) == 1:
-            return arg
-    return None
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -167,7 +64,16 @@ def _output_seq_dim(sp: ShardingPass, node: Node, placement: Shard) -> SeqDim:
 
 
 def _emit_local(sp: ShardingPass, node: Node, placement: Any) -> None:
-    sp.emit(node, *sp.local((node.args, node.kwargs)), placement)
+    sp.emit_local(node, placement)
+
+
+def _args(node: Node) -> dict[str, Any]:
+    """``node``'s arguments by name (``args.arguments``); an op with no matching schema is
+    not sharded."""
+    found = arguments(node)
+    if found is None:
+        raise UnsupportedOp("its arguments match no known signature")
+    return found
 
 
 # --------------------------------------------------------------------------- pointwise
@@ -220,7 +126,7 @@ def _pointwise_partial(sp: ShardingPass, node: Node, partial: list[Node]) -> Non
     others = [a for a in tensor_args(node) if a not in partial]
     linear = name in ("mul", "div", "truediv", "neg", "to", "float", "clone", "contiguous")
     if len(partial) == 1 and linear and all(isinstance(sp.placement(a), Replicate) for a in others):
-        if name in ("div", "truediv") and node.args[0] is not partial[0]:
+        if name in ("div", "truediv") and next(iter(_args(node).values())) is not partial[0]:
             raise UnsupportedOp("division by a partial sum")
         _emit_local(sp, node, Partial())
         return
@@ -267,7 +173,7 @@ def _merge_inner(in_meta: torch.Tensor, out_meta: torch.Tensor, in_dim: int, out
 def layout(sp: ShardingPass, node: Node) -> None:
     """View-like ops: the sequence rows move to the output dim whose size is the sequence."""
     source, placement = _single_shard(sp, node)
-    if source is not node.args[0]:
+    if source is not node.args[0]:  # the viewed tensor is ``self`` for every layout op
         raise UnsupportedOp("the sharded value is not the viewed tensor")
     dims = [d for d in sp.seq_dims(node)]
     if placement.merged:
@@ -296,12 +202,13 @@ def layout(sp: ShardingPass, node: Node) -> None:
         args = rebuild(_local_shape(sp, node, sp.local(shape), out_dim))
         sp.emit(node, (sp.env[args[0]], *args[1:]), sp.local(node.kwargs), target)
     elif name == "unflatten":
-        dim, sizes = node.args[1], list(node.args[2])
+        found = _args(node)
+        dim, sizes = found["dim"], list(found["sizes"])
         base = normalize_dim(dim, meta(source).dim())
         if not base <= out_dim.dim < base + len(sizes):
             raise UnsupportedOp("unflatten of the sequence dimension")
         sizes[out_dim.dim - base] = -1
-        sp.emit(node, sp.local((node.args[0], dim, tuple(sizes))), {}, target)
+        sp.emit(node, sp.local((source, dim, tuple(sizes))), {}, target)
     else:
         _emit_local(sp, node, target)
 
@@ -337,7 +244,7 @@ def _size(sp: ShardingPass, node: Node) -> None:
         sp.emit(node, *sp.replicate((node.args, node.kwargs)), REPLICATE)
         return
     ndim = meta(source).dim()
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dim = _size_dim(node)
     local = sp.env[source]
 
     def size_of(d: int) -> Any:
@@ -365,20 +272,25 @@ def _size(sp: ShardingPass, node: Node) -> None:
         sp.gather_fallback(node, "numel of a sharded value")
 
 
-# --------------------------------------------------------------------------- by dim
-
-
-def _dim_arg(node: Node, position: int, default: Any = None) -> Any:
+def _size_dim(node: Node) -> Any:
+    """The ``dim`` of ``x.size(dim)`` / ``sym_size(x, dim)`` (None for ``x.size()``); these
+    have no Python signature to bind to."""
     if "dim" in node.kwargs:
         return node.kwargs["dim"]
-    args = node.args[1:] if node.op == "call_method" else node.args[1:]
-    return args[position - 1] if len(args) >= position else default
+    return node.args[1] if len(node.args) > 1 else None
+
+
+# --------------------------------------------------------------------------- by dim
 
 
 def reduce_dim(sp: ShardingPass, node: Node) -> None:
     """Reductions and normalisations along ``dim``: fine unless ``dim`` is the sequence."""
+    found = _args(node)
+    if isinstance(found.get("other"), Node):
+        pointwise(sp, node)  # torch.max(a, b): elementwise, not a reduction
+        return
     source, placement = _single_shard(sp, node)
-    dim = _dim_arg(node, 1)
+    dim = found.get("dim")
     ndim = meta(source).dim()
     if dim is None:
         raise UnsupportedOp("reduction over all dimensions, the sequence included")
@@ -392,9 +304,10 @@ def reduce_dim(sp: ShardingPass, node: Node) -> None:
 @rule("layer_norm", "rms_norm", "group_norm")
 def norm(sp: ShardingPass, node: Node) -> None:
     source, placement = _single_shard(sp, node)
-    if source is not node.args[0]:
+    found = _args(node)
+    if source is not found["input"]:
         raise UnsupportedOp("sharded weight")
-    shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    shape = found.get("normalized_shape")
     count = len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
     if op_name(node) == "group_norm" or placement.dim >= meta(source).dim() - count:
         raise UnsupportedOp("normalisation over the sequence dimension")
@@ -405,7 +318,7 @@ def norm(sp: ShardingPass, node: Node) -> None:
 def rowwise_first_arg(sp: ShardingPass, node: Node) -> None:
     """``linear(x, W)``, ``embedding(ids, W)``: rows of the first argument stay rows."""
     source, placement = _single_shard(sp, node)
-    if source is not node.args[0]:
+    if source is not _args(node)["input"]:
         raise UnsupportedOp("a sharded weight")
     if (
         op_name(node) == "linear"
@@ -416,24 +329,27 @@ def rowwise_first_arg(sp: ShardingPass, node: Node) -> None:
     _emit_local(sp, node, placement)
 
 
+MATMUL_OPERANDS = (("mat1", "mat2"), ("batch1", "batch2"), ("input", "other"), ("input", "mat2"))
+"""The names of the two factors: addmm/baddbmm (whose ``input`` is the bias), matmul, mm/bmm."""
+
+
 @rule("matmul", "mm", "bmm", "addmm", "baddbmm")
 def matmul(sp: ShardingPass, node: Node) -> None:
     """Products whose sequence rows belong to the left operand only."""
     source, placement = _single_shard(sp, node)
-    first = 1 if op_name(node) in ("addmm", "baddbmm") else 0
-    left = node.args[first]
+    found = _args(node)
+    left, right = next(
+        (found[a], found[b]) for a, b in MATMUL_OPERANDS if a in found and b in found
+    )
     if source is not left:
         raise UnsupportedOp("the sequence is in the right operand (attention scores?)")
-    right = node.args[first + 1]
     if sp.seq_dims(right):
         raise UnsupportedOp("both operands carry the sequence")
     if placement.dim == meta(left).dim() - 1:
         raise UnsupportedOp("the sequence is the contracted dimension")
     out_dim = _output_seq_dim(sp, node, placement)
-    if first:
-        bias = node.args[0]
-        if sp.seq_dims(bias):
-            raise UnsupportedOp("a sequence-shaped bias")
+    if op_name(node) in ("addmm", "baddbmm") and sp.seq_dims(found["input"]):
+        raise UnsupportedOp("a sequence-shaped bias")
     _emit_local(sp, node, _shard_of(out_dim, placement))
 
 
@@ -489,18 +405,38 @@ def _output_seq_dim_any_length(sp: ShardingPass, node: Node, placement: Shard) -
     return dims[0]
 
 
+def _is_empty_along(value: torch.Tensor, dim: int) -> bool:
+    """Whether ``value`` has no entries along ``dim`` (statically), or is the legacy 1-D empty
+    tensor that ``cat`` skips."""
+    if value.dim() == 1 and value.shape[0] == 0:
+        return True
+    size = value.shape[normalize_dim(dim, value.dim())] if value.dim() else 1
+    return not isinstance(size, torch.SymInt) and size == 0
+
+
 @rule("cat", "concat", "concatenate", "stack")
 def cat(sp: ShardingPass, node: Node) -> None:
-    """Concatenation along another dimension than the sequence."""
-    tensors = [t for t in node.args[0] if not (meta(t).dim() == 1 and hint(meta(t).shape[0]) == 0)]
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    """Concatenation along another dimension than the sequence. Pieces empty along the
+    concatenated dimension (an empty key/value cache) are the identity and are dropped."""
+    found = _args(node)
+    dim = found.get("dim", 0)
+    stack = op_name(node) == "stack"
+    tensors = list(found["tensors"])
+    if not stack:
+        tensors = [t for t in tensors if not _is_empty_along(meta(t), dim)]
     sharded = [t for t in tensors if isinstance(sp.placement(t), Shard)]
     if not sharded or any(isinstance(sp.placement(t), Partial) for t in tensors):
         raise UnsupportedOp("partial inputs")
     placement = sp.placement(sharded[0])
     ndim = meta(sharded[0]).dim()
-    stack = op_name(node) == "stack"
     dim = normalize_dim(dim, ndim + 1 if stack else ndim)
+    out_dtype = meta(node).dtype
+    if len(tensors) == 1 and not stack:
+        local = sp.env[tensors[0]]
+        if meta(tensors[0]).dtype != out_dtype:
+            local = sp.graph.call_method("to", (local, out_dtype))
+        sp.env[node], sp.placements[node] = local, placement
+        return
     if not stack and dim == placement.dim:
         raise UnsupportedOp("concatenation along the sequence")
     local = []
@@ -512,38 +448,32 @@ def cat(sp: ShardingPass, node: Node) -> None:
         else:
             raise UnsupportedOp("inputs sharded differently")
     out_dim = placement.dim + (1 if stack and dim <= placement.dim else 0)
-    target = Shard(out_dim, placement.inner, placement.length)
-    if len(local) == 1 and not stack:
-        sp.env[node] = local[0]
-        sp.placements[node] = target
-        return
-    sp.emit(node, (local, dim), {}, target)
+    sp.emit(node, (local, dim), {}, Shard(out_dim, placement.inner, placement.length))
 
 
 @rule("split", "chunk", "unbind", "tensor_split")
 def split(sp: ShardingPass, node: Node) -> None:
+    """Splits along another dimension than the sequence: every piece keeps the rows."""
     source, placement = _single_shard(sp, node)
-    name = op_name(node)
-    default = 0
-    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else default)
-    if name == "unbind":
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    found = _args(node)
+    if source is not next(iter(found.values())):
+        raise UnsupportedOp("the sharded value is not the split tensor")
     ndim = meta(source).dim()
-    dim = normalize_dim(dim, ndim)
+    dim = normalize_dim(found.get("dim", 0), ndim)
     if dim == placement.dim:
         raise UnsupportedOp("splitting the sequence")
-    out_dim = placement.dim - (1 if name == "unbind" and dim < placement.dim else 0)
-    count = len(meta(node))
+    out_dim = placement.dim - (1 if op_name(node) == "unbind" and dim < placement.dim else 0)
     item = Shard(out_dim, placement.inner, placement.length)
-    _emit_local(sp, node, tuple([item] * count))
+    _emit_local(sp, node, tuple([item] * len(meta(node))))
 
 
 @rule("pad")
 def pad(sp: ShardingPass, node: Node) -> None:
     source, placement = _single_shard(sp, node)
-    widths = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
-    ndim = meta(source).dim()
-    if placement.dim >= ndim - len(widths) // 2:
+    found = _args(node)
+    if source is not found["input"]:
+        raise UnsupportedOp("the sharded value is the padding value")
+    if placement.dim >= meta(source).dim() - len(found["pad"]) // 2:
         raise UnsupportedOp("padding the sequence dimension")
     _emit_local(sp, node, placement)
 
@@ -556,22 +486,8 @@ def factory(sp: ShardingPass, node: Node) -> None:
     _emit_local(sp, node, REPLICATE)
 
 
-@rule(*ATTENTION)
-def attention(sp: ShardingPass, node: Node) -> None:
-    from autosp.compiler.attention import shard_attention
-
-    shard_attention(sp, node)
-
-
-@rule("cross_entropy", "nll_loss")
-def loss(sp: ShardingPass, node: Node) -> None:
-    from autosp.compiler.loss import shard_loss
-
-    shard_loss(sp, node)
-
-
-def bind(fn: Callable[..., Any], node: Node) -> inspect.BoundArguments:
-    """Bind a node's arguments to ``fn``'s signature, defaults applied."""
-    bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
-    bound.apply_defaults()
-    return bound
+rule(*SIZE_OPS)(_size)
+rule(*POINTWISE, default=True)(pointwise)
+rule(*LAYOUT, default=True)(layout)
+rule(*REDUCE_DIM, default=True)(reduce_dim)
+rule(*FACTORY, default=True)(factory)

@@ -15,12 +15,14 @@ from typing import Any
 
 from torch.fx import Node
 
+from autosp.compiler.args import bind_defaults
 from autosp.compiler.attention.hybrid import hybrid_attention
 from autosp.compiler.attention.mask_spec import MaskSpec, document_ids
 from autosp.compiler.attention.ring import ring_attention
 from autosp.compiler.attention.ulysses import ulysses_attention
+from autosp.compiler.ops_table import ATTENTION, meta
 from autosp.compiler.placement import Shard
-from autosp.compiler.propagate import ShardingPass, UnsupportedOp, meta
+from autosp.compiler.propagate import ShardingPass, UnsupportedOp, rule
 from autosp.compiler.seqdims import hint
 from autosp.errors import AutoSPError
 
@@ -76,11 +78,12 @@ def _structure(sp: ShardingPass, spec: MaskSpec) -> dict[str, Any]:
     return structure
 
 
+@rule(*ATTENTION)
 def shard_attention(sp: ShardingPass, node: Node) -> None:
     """Replace ``scaled_dot_product_attention`` by a sequence-parallel strategy."""
-    from autosp.compiler.rules import bind
-
-    args = bind(sdpa_signature, node).arguments
+    args = bind_defaults(sdpa_signature, node)
+    if args is None:
+        raise UnsupportedOp("the attention call's arguments match no signature")
     query, key, value = args["query"], args["key"], args["value"]
     world = sp.group.world
     q_meta, k_meta = meta(query), meta(key)

@@ -9,6 +9,7 @@ on head shards or, as a fallback, on the whole sequence.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,10 @@ def softcapped_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     softcap: float = 0.0,
+    dropout: Callable[[torch.Tensor, float], torch.Tensor] = F.dropout,
 ) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` semantics with soft-capped scores (fp32 softmax)."""
+    """``F.scaled_dot_product_attention`` semantics with soft-capped scores (fp32 softmax);
+    ``dropout(probs, dropout_p)`` drops attention probabilities."""
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     if key.shape[-3] != query.shape[-3]:
         repeat = query.shape[-3] // key.shape[-3]
@@ -44,5 +47,5 @@ def softcapped_attention(
             scores = scores + attn_mask
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if dropout_p:
-        probs = F.dropout(probs, dropout_p)
+        probs = dropout(probs, dropout_p)
     return probs @ value

@@ -38,8 +38,10 @@ from autosp.compiler import runtime
 from autosp.compiler.attention.blocks import (
     ALL,
     Block,
+    _scores,
     accumulate_backward,
     accumulate_forward,
+    repeat_heads,
 )
 from autosp.compiler.attention.load_balance import permute_chunks
 from autosp.compiler.attention.mask_spec import Structure, structure_of, structured_blocks
@@ -208,27 +210,64 @@ def ring_attention_bwd(
     group: str,
     use_kernel: bool,
     zigzag: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ring attention; key/value gradients return to their owner."""
+    *,
+    mask_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ring attention; key/value gradients return to their owner. With
+    ``mask_grad``, also the (float) mask's gradient, else an empty tensor in its place."""
     pg = _group(group)
+    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dkv = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v)]
+    dmask = q.new_empty(0)
+    if mask_grad and mask is not None:
+        dmask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     structure = structure_of(window, documents, valid)
-    for blocks, kv in _ring_steps([k, v], pg, is_causal, seq_len, zigzag, mask, structure):
+    steps = _ring_steps([k, v], pg, is_causal, seq_len, zigzag, mask, structure)
+    for step, (blocks, kv) in enumerate(steps):
         for block in blocks:
             accumulate_backward(
                 dq, dkv, grad_out, q, kv, out, lse, block, scale, softcap, use_kernel
             )
+            if dmask.numel():
+                rows = kv[0].shape[-2]
+                cols = dmask.narrow(-1, (rank - step) % world * rows, rows)
+                grad = _bias_grad(grad_out, q, kv, out, lse, block, scale, softcap)
+                cols += grad.sum_to_size(cols.shape)
         # The gradient of the block just used follows it to the next rank.
         dkv, works = _exchange(dkv, pg)
         for work in works:
             work.wait()
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+    dmask = dmask.to(mask.dtype) if dmask.numel() else dmask
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), dmask
+
+
+def _bias_grad(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    kv: list[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    block: Block,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    """The gradient of ``block``'s additive bias, fp32 ``[..., rows, cols]``: the scores'
+    gradient ``P * (dO @ V^T - rowsum(dO * O))`` (the bias is added after scaling and
+    soft-capping), from the global ``out`` and ``lse`` of the block's query rows."""
+    rows = block.q
+    k, v = (repeat_heads(t[..., block.kv, :], q.shape[-3]) for t in kv)
+    scores, _ = _scores(q[..., rows, :], k, block.bias, block.diagonal, scale, softcap)
+    probs = torch.exp(scores - lse[..., rows].unsqueeze(-1)).nan_to_num(0.0)
+    dout = grad_out[..., rows, :].float()
+    delta = (dout * out[..., rows, :].float()).sum(-1, keepdim=True)
+    return probs * (dout @ v.float().transpose(-1, -2) - delta)
 
 
 @ring_attention_bwd.register_fake
-def _(grad_out, q, k, v, *options):  # noqa: ANN001, ANN002, ANN202
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(grad_out, q, k, v, out, lse, mask, *options, mask_grad=False):  # noqa: ANN001, ANN002, ANN202
+    dmask = mask.new_empty(mask.shape) if mask_grad and mask is not None else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
 def _setup(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -239,8 +278,11 @@ def _setup(ctx, inputs, output) -> None:  # noqa: ANN001
 
 def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor):  # noqa: ANN001, ANN202
     q, k, v, out, lse, *masks = ctx.saved_tensors
-    dq, dk, dv = ring_attention_bwd(grad_out, q, k, v, out, lse, *masks, *ctx.options)
-    return dq, dk, dv, None, None, None, *(None for _ in ctx.options)
+    mask_grad = ctx.needs_input_grad[3]
+    dq, dk, dv, dmask = ring_attention_bwd(
+        grad_out, q, k, v, out, lse, *masks, *ctx.options, mask_grad=mask_grad
+    )
+    return dq, dk, dv, dmask if mask_grad else None, None, None, *(None for _ in ctx.options)
 
 
 ring_attention_fwd.register_autograd(_backward, setup_context=_setup)

@@ -17,6 +17,10 @@ as ALST does: the groups stay aligned and no rank receives a head it does not us
 
 Padding rows sit at the end of the sequence: causal attention never lets a real query see
 them; non-causal attention gets a key mask that hides them.
+
+Attention dropout draws this rank's own masks (Note [Random ops]): the kernels' dropout would
+draw the same mask for every rank's heads. It runs in plain math (``softcapped_attention``),
+whose probabilities it drops with ``rank_dropout``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from autosp.compiler import runtime
 from autosp.compiler.attention.blockwise import blockwise_attention
 from autosp.compiler.attention.mask_spec import structure_of
 from autosp.compiler.attention.reference import softcapped_attention
+from autosp.compiler.random_ops import rank_dropout
 
 
 def _attention_mask(
@@ -102,8 +107,9 @@ def ulysses_attention(
     padded = q.shape[seq_dim]
     mask = _attention_mask(attn_mask, seq_len, padded, rank * heads, heads, is_causal, q.device)
     kernel = F.scaled_dot_product_attention
-    if softcap:
-        kernel = functools.partial(softcapped_attention, softcap=softcap)
+    if softcap or dropout_p:
+        dropout = functools.partial(rank_dropout, rank=rank)
+        kernel = functools.partial(softcapped_attention, softcap=softcap, dropout=dropout)
     out = kernel(
         q,
         k,

@@ -1,0 +1,48 @@
+"""What the compiler passes share while compiling one captured graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import sympy
+
+if TYPE_CHECKING:
+    from autosp.compiler.masks import MaskPlan
+    from autosp.compiler.propagate import Plan
+    from autosp.config import Config
+
+
+@dataclass(slots=True)
+class GroupInfo:
+    """The sequence-parallel group as the rewritten graph sees it (constants per rank)."""
+
+    rank: int
+    world: int
+    name: str
+    hybrid: dict[int, tuple[str, str]] = field(default_factory=dict)
+    """For each Ulysses size ``u`` (a proper divisor of ``world``): this rank's Ulysses group
+    and ring names for hybrid attention."""
+
+
+@dataclass(slots=True)
+class CompileContext:
+    """One compilation's inputs and findings. Each pass reads what earlier passes filled in;
+    nothing here outlives the compiled graph that owns it."""
+
+    group: GroupInfo
+    config: Config
+    example_inputs: list[Any]
+    seq_len: int
+    """The sequence length of the call being traced (a hint to find its symbol)."""
+    labels_given: bool = False
+    """Whether the call being traced passed ``labels=`` (then the graph must return a loss)."""
+    seq_syms: frozenset[sympy.Symbol] = frozenset()
+    """The symbols that stand for the sequence length (``find_sequence_pass``)."""
+    seq_source: tuple[str, int] = ("", 0)
+    """One (placeholder name, dim) whose size is the sequence length."""
+    masks: MaskPlan | None = None
+    """Recognised attention masks (``recognise_masks_pass``); the sharding pass may be run
+    again with the plan's fallback."""
+    plan: Plan | None = None
+    """What the sharding pass did (``shard_sequence_pass``)."""

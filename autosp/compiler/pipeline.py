@@ -1,0 +1,45 @@
+"""The compiler: its passes, in order, in one place.
+
+Every pass has the signature ``(gm, ctx) -> gm``: it reads what earlier passes recorded in the
+``CompileContext`` and returns the graph (the same one, rewritten in place, or a new one).
+The analysis passes run once on Dynamo's graph of the whole forward; the rewrite passes build
+the rank-local graph, once per mask plan (the runner compiles a second graph when a guarded
+mask assumption fails, Note [Mask probing]).
+
+Importing this module registers every sharding rule: the generic per-op rules
+(``rules.py``), attention (``attention/``) and the loss (``loss.py``) each register their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch.fx import GraphModule
+
+import autosp.compiler.attention  # noqa: F401 - registers the attention rules
+import autosp.compiler.rules  # noqa: F401 - registers the per-op rules
+from autosp.compiler.context import CompileContext
+from autosp.compiler.eager_attention import fuse_eager_attention_pass
+from autosp.compiler.find_sequence import find_sequence_pass
+from autosp.compiler.loss import require_loss_pass  # also registers the loss rules
+from autosp.compiler.masks import recognise_masks_pass
+from autosp.compiler.propagate import shard_sequence_pass
+
+Pass = Callable[[GraphModule, CompileContext], GraphModule]
+
+ANALYSIS_PASSES: tuple[Pass, ...] = (
+    fuse_eager_attention_pass,  # written-out attention -> one attention call
+    find_sequence_pass,  # the sequence symbols; refuses graphs without attention
+    require_loss_pass,  # labels given: a loss must be returned
+    recognise_masks_pass,  # causal / structured masks, so none is built S x S
+)
+
+REWRITE_PASSES: tuple[Pass, ...] = (
+    shard_sequence_pass,  # per-op placements -> the rank-local graph
+)
+
+
+def run_passes(passes: tuple[Pass, ...], gm: GraphModule, ctx: CompileContext) -> GraphModule:
+    for compiler_pass in passes:
+        gm = compiler_pass(gm, ctx)
+    return gm

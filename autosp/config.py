@@ -1,0 +1,48 @@
+"""``autosp.Config``: the options of ``parallelize``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+ATTENTION_STRATEGIES = ("auto", "ulysses", "ring", "hybrid")
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    """Options of ``parallelize``; the defaults just work."""
+
+    backend: str = "inductor"
+    """Compiler for the rewritten graph: ``"inductor"`` or ``"aot_eager"`` (fast to compile)."""
+    attention: str = "auto"
+    """Attention strategy: ``"ulysses"`` (all-to-all, needs query heads divisible by the
+    degree), ``"ring"`` (key/value blocks passed around the ring, any head count),
+    ``"hybrid"`` (Ulysses over the largest degree dividing the heads, ring across), or
+    ``"auto"``: Ulysses where the heads allow it, else hybrid, else ring. ``model.plans``
+    shows the choice for each attention call."""
+    load_balance: bool = True
+    """Run causal ring attention in the zigzag layout, where every rank does the same work
+    (one extra all-to-all per tensor); False keeps the contiguous layout, for comparison."""
+    recognise_masks: bool = True
+    """Run attention masks that are causal for plain positions as ``is_causal`` (guarded at run
+    time); False keeps every mask the model builds (S x S memory), for comparison."""
+    sync_grads: bool = True
+    """Sum parameter gradients over the group after each backward. Turn off only when a
+    data-parallel wrapper over the same ranks already does it."""
+    bucket_mb: float = 25.0
+    """Size of the gradient all-reduce buckets."""
+    check_inputs: bool = True
+    """Check on the first call that every rank got the same batch (one small all-gather)."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in INNER_BACKENDS:
+            raise ValueError(
+                f"autosp: backend {self.backend!r} is not one of {', '.join(INNER_BACKENDS)}"
+            )
+        if self.attention not in ATTENTION_STRATEGIES:
+            raise ValueError(
+                f"autosp: attention {self.attention!r} is not one of "
+                f"{', '.join(ATTENTION_STRATEGIES)}"
+            )
+        if self.bucket_mb <= 0:
+            raise ValueError(f"autosp: bucket_mb must be positive, got {self.bucket_mb}")
