@@ -3,11 +3,12 @@
 from autosp.api import SequenceParallel, parallelize
 from autosp.comm.ops import count_collectives
 from autosp.config import Config
-from autosp.errors import AutoSPError, InputMismatchError
+from autosp.errors import AutoSPError, CollectiveError, InputMismatchError
 from autosp.shards import gather_sequence
 
 __all__ = [
     "AutoSPError",
+    "CollectiveError",
     "Config",
     "InputMismatchError",
     "SequenceParallel",

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from autosp.comm.faults import input_check
 from autosp.comm.grad_sync import GradSync
 from autosp.compiler.attention.hybrid import hybrid_groups
 from autosp.compiler.backend import AutoSPBackend, TraceState
@@ -67,6 +68,7 @@ class SequenceParallel(nn.Module):
         backend = AutoSPBackend(group, config, self._state, hybrid)
         self._compiled = torch.compile(module, backend=backend, fullgraph=True)
         self._grad_sync = GradSync(module, group, config.bucket_mb) if config.sync_grads else None
+        self._input_check = input_check(group) if config.check_inputs else None
 
     @property
     def plans(self) -> list[Plan]:
@@ -76,6 +78,8 @@ class SequenceParallel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._state.seq_len = mark_sequence(args, kwargs)
         self._state.labels_given = kwargs.get("labels") is not None
+        if self._input_check is not None:
+            self._input_check(named_tensors(args, kwargs))
         try:
             with torch._dynamo.config.patch(ignore_logger_methods=_logger_methods()):
                 out = self._compiled(*args, **kwargs)
@@ -109,6 +113,13 @@ class SequenceParallel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.module, name)
+
+
+def named_tensors(args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    """The tensor arguments of a call by the caller's names (``argument 1`` for positional)."""
+    named = {f"argument {i}": t for i, t in enumerate(args) if isinstance(t, torch.Tensor)}
+    named.update((k, t) for k, t in kwargs.items() if isinstance(t, torch.Tensor))
+    return named
 
 
 def mark_sequence(args: tuple, kwargs: dict) -> int:

@@ -32,7 +32,9 @@ class Config:
     bucket_mb: float = 25.0
     """Size of the gradient all-reduce buckets."""
     check_inputs: bool = True
-    """Check on the first call that every rank got the same batch (one small all-gather)."""
+    """Check on every call that every rank of the group got the same batch: shapes before the
+    call, contents one call late (the first call at once); one small host-side all-reduce per
+    call, no wait for the accelerator (Note [Input agreement] in ``autosp/comm/faults.py``)."""
 
     def __post_init__(self) -> None:
         if self.backend not in INNER_BACKENDS:

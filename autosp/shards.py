@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
+from autosp.comm.faults import collective
 from autosp.compiler.runtime import block_len
 from autosp.errors import AutoSPError
 
@@ -56,7 +57,8 @@ class _GatherRows(torch.autograd.Function):
         padded = t.new_zeros([block if d == dim else n for d, n in enumerate(t.shape)])
         padded.narrow(dim, 0, t.shape[dim]).copy_(t)
         parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded, group=group)
+        with collective("gather_sequence's all_gather", group):
+            dist.all_gather(parts, padded, group=group)
         return torch.cat(parts, dim=dim).narrow(dim, 0, length)
 
     @staticmethod

@@ -358,3 +358,143 @@ class PooledGPT(PlainGPT):
         pooled = out["logits"].mean(dim=1)
         out["loss"] = out["loss"] + pooled.square().mean()
         return out
+
+
+MOE_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    router_aux_loss_coef=0.1,
+)
+
+MOE_FAMILIES: dict[str, Callable[..., nn.Module]] = {
+    # Mixture-of-experts families (4 experts, top-2). Each builder takes ``aux``: whether the
+    # router's load-balancing loss is added to the loss (``output_router_logits``).
+    "mixtral": lambda aux: _hf(
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=aux,
+        **MOE_COMMON,
+    )(),
+    "qwen3_moe": lambda aux: _hf(
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        head_dim=16,
+        output_router_logits=aux,
+        **MOE_COMMON,
+    )(),
+    # A shared expert with a sigmoid gate beside the routed ones.
+    "qwen2_moe": lambda aux: _hf(
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        output_router_logits=aux,
+        **MOE_COMMON,
+    )(),
+    "olmoe": lambda aux: _hf(
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        num_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=aux,
+        eos_token_id=0,
+        pad_token_id=1,
+        **MOE_COMMON,
+    )(),
+    # Attention sinks (a learned logit per head joined to the softmax), written-out attention,
+    # a router with a bias, experts with biases; full attention in both layers.
+    "gpt_oss": lambda aux: _hf(
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        head_dim=16,
+        layer_types=["full_attention", "full_attention"],
+        attn_implementation="eager",
+        output_router_logits=aux,
+        **MOE_COMMON,
+    )(),
+}
+
+
+class SinkAttention(PlainAttention):
+    """Causal attention with sinks, written out as some recent open models do: a learned
+    logit per head joins each row's softmax and its probability is dropped."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__(dim, heads)
+        self.sinks = nn.Parameter(torch.randn(heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.view(b, s, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        future = torch.full((s, s), float("-inf"), device=x.device).triu(1)
+        scores = q @ k.transpose(-2, -1) * self.head_dim**-0.5 + future
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(b, -1, s, -1)
+        logits = torch.cat([scores, sinks], dim=-1)
+        logits = logits - logits.max(dim=-1, keepdim=True).values
+        probs = F.softmax(logits, dim=-1)[..., :-1]
+        return self.proj((probs @ v).transpose(1, 2).reshape(b, s, d))
+
+
+class SinkGPT(PlainGPT):
+    """``PlainGPT`` whose attention has sinks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for block in self.blocks:
+            block.attn = SinkAttention(64, 4)
+
+
+class ScanMixer(nn.Module):
+    """A causal linear-attention token mixer: a running sum of key-value outer products
+    along the sequence (a scan), read by each query."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = F.elu(self.qkv(x)).chunk(3, dim=-1)
+        q, k = q + 1, k + 1
+        state = torch.cumsum(k.unsqueeze(-1) * v.unsqueeze(-2), dim=1)
+        norm = torch.cumsum(k, dim=1)
+        out = (q.unsqueeze(-2) @ state).squeeze(-2) / (q * norm).sum(-1, keepdim=True)
+        return self.proj(out)
+
+
+class ScanGPT(PlainGPT):
+    """``PlainGPT`` whose first block mixes tokens with a linear-attention scan."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks[0].attn = ScanMixer(64)
+
+
+MIXER_FAMILIES: dict[str, Callable[[], nn.Module]] = {
+    # Attention sinks: written out (GptOss, with experts) and in a plain model.
+    "gpt_oss": lambda: MOE_FAMILIES["gpt_oss"](False),
+    "sink_gpt": SinkGPT,
+    # Hybrid token mixers: short causal convolutions (LFM2) and a linear-attention scan.
+    "lfm2": _hf(
+        "Lfm2Config",
+        "Lfm2ForCausalLM",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        layer_types=["conv", "full_attention"],
+        **COMMON,
+    ),
+    "scan_gpt": ScanGPT,
+}

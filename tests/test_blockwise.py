@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from autosp.compiler.attention.blockwise import blockwise_attention
-from autosp.compiler.attention.mask_spec import allowed, block_bias, document_ids
+from autosp.compiler.attention.mask_spec import allowed, block_bias, block_hidden, document_ids
 from autosp.compiler.attention.reference import softcapped_attention
 
 TOL = 1e-5
@@ -35,13 +35,21 @@ def test_allowed_combines_the_rules() -> None:
     assert torch.equal(got, expected)
 
 
-def test_block_bias_pads_and_skips() -> None:
-    q = torch.arange(4, 8)
-    # causal: keys 8.. are all in the future for queries 4..7 -> skipped
-    assert block_bias(True, 0, q, torch.arange(8, 12), 12, None, None) is None
+def test_block_hidden_from_positions_alone() -> None:
+    # causal: keys 8.. are all in the future for queries 4..7
+    assert block_hidden(True, 0, (4, 8), (8, 12), 12)
+    assert not block_hidden(True, 0, (4, 8), (7, 12), 12)
+    # window 2: keys 0..1 are too far behind queries 4..7, key 3 is not
+    assert block_hidden(True, 2, (4, 8), (0, 2), 12)
+    assert not block_hidden(True, 2, (4, 8), (0, 4), 12)
+    # only padding keys (>= seq_len), or only padding queries
+    assert block_hidden(False, 0, (0, 4), (6, 8), 6)
+    assert block_hidden(False, 0, (6, 8), (0, 4), 6)
+
+
+def test_block_bias_pads() -> None:
     # positions >= seq_len: padding keys hidden, padding queries see every key
     bias = block_bias(False, 0, torch.arange(4, 8), torch.arange(4, 8), 6, None, None)
-    assert bias is not None
     assert torch.equal(
         torch.isneginf(bias[0, 0]), torch.tensor([[0, 0, 1, 1]] * 2 + [[0] * 4] * 2).bool()
     )

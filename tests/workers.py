@@ -73,9 +73,13 @@ def model_parity(
         local_logits = out["logits"]
         full_logits = autosp.gather_sequence(local_logits)
         block = 2 * -(-seq // (2 * world))  # even blocks (Note [Placements and padding])
+        aux = expected.get("aux_loss") if isinstance(expected, dict) else None
         results.append(
             {
                 "case": (batch, seq),
+                "aux_loss_rel_err": None
+                if aux is None
+                else abs(out["aux_loss"].item() - aux.item()) / abs(aux.item()),
                 "loss": out["loss"].item(),
                 "loss_rel_err": abs(out["loss"].item() - expected["loss"].item())
                 / abs(expected["loss"].item()),
@@ -247,3 +251,25 @@ def fallback_parity() -> dict[str, Any]:
         (result,) = model_parity(PooledGPT(), [(1, 13)], {"backend": "aot_eager"})
     result["warnings"] = [str(w.message) for w in caught if "autosp" in str(w.message)]
     return result
+
+
+def table_parity(
+    table: str, names: list[str], cases: list[tuple[int, int]], *build_args: Any
+) -> dict[str, list]:
+    """``parity`` of models ``tests.models.<table>[name](*build_args)`` per name, each result
+    with the autosp warnings raised while running it."""
+    import warnings
+
+    import tests.models
+
+    results = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = getattr(tests.models, table)[name](*build_args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            found = model_parity(model, cases, {"backend": "aot_eager"})
+        for result in found:
+            result["warnings"] = [str(w.message) for w in caught if "autosp" in str(w.message)]
+        results[name] = found
+    return results

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from autosp.comm.faults import collective
 from autosp.comm.ops import _counts
 
 
@@ -60,7 +61,8 @@ class GradSync:
                 flat = torch.cat([g.reshape(-1) for g in fresh])
                 summed = flat.clone()
                 _counts["grad_all_reduce"] += 1
-                dist.all_reduce(summed, group=self.group)
+                with collective("the gradient all-reduce", self.group):
+                    dist.all_reduce(summed, group=self.group)
                 delta = summed - flat
                 offset = 0
                 for param, grad in zip(bucket, fresh, strict=True):

@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
+from autosp.comm.faults import collective
+
 _counts: Counter[str] = Counter()
 
 
@@ -60,7 +62,8 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: str) -
     world = dist.get_world_size(pg)
     send = torch.stack(x.chunk(world, dim=scatter_dim)).contiguous()
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=pg)
+    with collective("an all_to_all", pg):
+        dist.all_to_all_single(recv, send, group=pg)
     return torch.cat(recv.unbind(0), dim=gather_dim)
 
 
@@ -94,7 +97,8 @@ def all_gather(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
     pg = _group(group)
     moved = x.movedim(dim, 0).contiguous()
     out = moved.new_empty((dist.get_world_size(pg) * moved.shape[0], *moved.shape[1:]))
-    dist.all_gather_into_tensor(out, moved, group=pg)
+    with collective("an all_gather", pg):
+        dist.all_gather_into_tensor(out, moved, group=pg)
     return out.movedim(0, dim).contiguous()
 
 
@@ -113,7 +117,8 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
     world = dist.get_world_size(pg)
     moved = x.movedim(dim, 0).contiguous()
     out = moved.new_empty((moved.shape[0] // world, *moved.shape[1:]))
-    dist.reduce_scatter_tensor(out, moved, group=pg)
+    with collective("a reduce_scatter", pg):
+        dist.reduce_scatter_tensor(out, moved, group=pg)
     return out.movedim(0, dim).contiguous()
 
 
@@ -146,7 +151,9 @@ reduce_scatter.register_autograd(_reduce_scatter_backward, setup_context=_dim_gr
 def _sum_over_ranks(x: torch.Tensor, group: str, name: str) -> torch.Tensor:
     _counts[name] += 1
     out = x.contiguous().clone()
-    dist.all_reduce(out, group=_group(group))
+    pg = _group(group)
+    with collective(f"an {name}", pg):
+        dist.all_reduce(out, group=pg)
     return out
 
 

@@ -3,8 +3,9 @@
 The backend receives Dynamo's graph of the whole forward (one graph: ``fullgraph=True``),
 whose token inputs were marked dynamic along the sequence by ``autosp.api``. It reads the
 sequence symbols off those inputs, runs the sharding pass, hands the rank-local graph to the
-inner compiler (Inductor or ``aot_eager``) and wraps the result in a ``Runner`` that checks
-inputs and trims sharded outputs.
+inner compiler (Inductor or ``aot_eager``) and wraps the result in a ``Runner`` that picks
+the graph for the inputs' masks and trims sharded outputs. (Ranks' inputs are compared before
+the call, in ``autosp.api``: Note [Input agreement].)
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from autosp.compiler.find_sequence import input_name, is_user_input
 from autosp.compiler.masks import MaskPlan
 from autosp.compiler.pipeline import ANALYSIS_PASSES, REWRITE_PASSES, run_passes
 from autosp.compiler.propagate import Plan
-from autosp.errors import InputMismatchError
 from autosp.shards import register_shard
 
 if TYPE_CHECKING:
@@ -46,8 +46,8 @@ Compile = Callable[[MaskPlan], tuple[Callable[..., Any], Plan]]
 
 
 class Runner:
-    """Runs the compiled rank-local graph: checks inputs, picks the graph whose mask
-    assumptions hold (Note [Mask probing]) and trims padding off sharded outputs."""
+    """Runs the compiled rank-local graph: picks the graph whose mask assumptions hold
+    (Note [Mask probing]) and trims padding off sharded outputs."""
 
     def __init__(
         self,
@@ -56,39 +56,39 @@ class Runner:
         gm: GraphModule,
         group: dist.ProcessGroup,
         seq_source: tuple[str, int],
-        check_inputs: bool,
     ) -> None:
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self.compile_graph = compile_graph
         self.masks = masks
-        self.primary = compile_graph(masks)
-        self.fallback: tuple[Callable[..., Any], Plan] | None = None
+        self.compiled: dict[int, tuple[Callable[..., Any], Plan]] = {0: compile_graph(masks)}
+        self.placeholders = [p.name for p in placeholders]
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.seq_index = [p.name for p in placeholders].index(seq_source[0])
         self.seq_dim = seq_source[1]
         self.inputs = {i: input_name(p) for i, p in enumerate(placeholders) if is_user_input(p)}
-        self.check_inputs = check_inputs
 
     def _select(self, args: Sequence[Any]) -> tuple[Callable[..., Any], Plan]:
-        if all(guard.holds(args[guard.index]) for guard in self.masks.guards):
-            return self.primary
-        if self.fallback is None:
-            names = ", ".join(self.inputs[g.index] for g in self.masks.guards)
+        """The graph of the first mask plan of the chain whose guards hold (Note [Mask
+        probing]), compiled on first use."""
+        plan, level = self.masks, 0
+        failed: list[str] = []
+        while broken := [g for g in plan.guards if not g.holds(args[g.index])]:
+            failed += [self.inputs.get(g.index, self.placeholders[g.index]) for g in broken]
+            plan, level = plan.fallback or MaskPlan({}, ()), level + 1
+        if level not in self.compiled:
             logger.warning(
-                "autosp: inputs %s are not plain positions/all-ones, so the attention mask is "
-                "not causal; compiling a graph for such inputs (structured masks where "
-                "recognised, else the model's own mask)",
-                names,
+                "autosp: inputs %s do not have the values the attention masks were recognised "
+                "for (plain positions, all ones, 0/1 padding, the traced values of non-sequence "
+                "inputs); compiling a graph for such inputs (structured masks where they hold, "
+                "else the model's own mask)",
+                ", ".join(dict.fromkeys(failed)),
             )
-            self.fallback = self.compile_graph(self.masks.fallback or MaskPlan({}, ()))
-        return self.fallback
+            self.compiled[level] = self.compile_graph(plan)
+        return self.compiled[level]
 
     def __call__(self, *args: Any) -> Any:
-        if self.check_inputs:
-            self._check_same_inputs(args)
-            self.check_inputs = False
         compiled, plan = self._select(args)
         outputs = list(compiled(*args))
         seq_len = args[self.seq_index].shape[self.seq_dim]
@@ -98,30 +98,6 @@ class Runner:
             register_shard(trimmed, out.dim, seq_len, out.length, self.group)
             outputs[out.index] = trimmed
         return outputs
-
-    def _check_same_inputs(self, args: Sequence[Any]) -> None:
-        """One small all-gather of input checksums: every rank must hold the same batch."""
-        sums = []
-        for index in self.inputs:
-            x = args[index].detach().reshape(-1).to(torch.float64)
-            weights = torch.arange(1, x.numel() + 1, dtype=torch.float64, device=x.device)
-            sums.append(torch.stack([x.sum(), (x * weights.remainder(9973)).sum()]))
-        local = torch.stack(sums) if sums else torch.zeros(0, 2, dtype=torch.float64)
-        gathered = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(gathered, local, group=self.group)
-        for rank, other in enumerate(gathered):
-            if not torch.equal(other, gathered[0]):
-                bad = [
-                    name
-                    for name, a, b in zip(self.inputs.values(), other, gathered[0], strict=True)
-                    if not torch.equal(a, b)
-                ]
-                raise InputMismatchError(
-                    f"autosp: rank {rank} of the sequence-parallel group received a different "
-                    f"batch than rank 0 (inputs {', '.join(bad)}). Every rank of the group must "
-                    "get the same full-length batch; give each data-parallel group, not each "
-                    "rank, its own data (seed the sampler the same way on all ranks of a group)."
-                )
 
 
 @dataclass(slots=True)
@@ -159,6 +135,4 @@ class AutoSPBackend:
             self.state.plans.append(plan)
             return inner(local_gm, list(example_inputs)), plan
 
-        return Runner(
-            compile_graph, ctx.masks, gm, self.group, ctx.seq_source, self.config.check_inputs
-        )
+        return Runner(compile_graph, ctx.masks, gm, self.group, ctx.seq_source)

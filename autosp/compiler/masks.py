@@ -186,6 +186,9 @@ class _Evaluator:
     ) -> None:
         self.sub, self.inputs, self.syms = sub, inputs, syms
         self.fixed = {p: example_inputs[positions[p]] for p in inputs}
+        tensors = (t for t in example_inputs if isinstance(t, torch.Tensor))
+        self.device = next(tensors, torch.empty(0)).device
+        """The graph's device: candidate values go there, results come back to the CPU."""
 
     def shape(self, p: Node, n: int) -> list[int]:
         return [n if _is_seq(s, self.syms) else _hint(s) for s in meta(p).shape]
@@ -197,7 +200,7 @@ class _Evaluator:
             if isinstance(value, torch.SymInt):
                 args.append(n if value.node.expr in self.syms else value.node.hint)
             elif p in values:
-                args.append(values[p])
+                args.append(values[p].to(self.device))
             elif isinstance(value, torch.Tensor) and any(
                 _is_seq(s, self.syms) for s in value.shape
             ):
@@ -206,7 +209,8 @@ class _Evaluator:
                 args.append(self.fixed[p])
         try:
             with torch.no_grad():
-                return _allowed(self.sub(*args), n)
+                result = self.sub(*args)
+            return _allowed(result.cpu() if isinstance(result, torch.Tensor) else result, n)
         except Exception as err:  # noqa: BLE001 - any failure means "not recognised"
             logger.debug("mask probe failed: %s", err)
             return None

@@ -40,10 +40,11 @@ SHAPE_ARG_OPS = frozenset("view reshape expand".split())
 REDUCE_DIM = frozenset(
     """
     sum mean amax amin max min prod softmax log_softmax cumsum cumprod logsumexp argmax argmin
-    var std norm all any
+    var std norm all any topk sort argsort kthvalue mode aminmax var_mean std_mean cummax cummin
     """.split()
 )
-"""Ops that mix values along their ``dim`` argument (rows mix only if ``dim`` is the sequence)."""
+"""Ops that mix values along their ``dim`` argument (rows mix only if ``dim`` is the sequence);
+some return several tensors of one shape (``topk``: values and indices)."""
 
 FACTORY = frozenset(
     """

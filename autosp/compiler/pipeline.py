@@ -17,6 +17,8 @@ from collections.abc import Callable
 from torch.fx import GraphModule
 
 import autosp.compiler.attention  # noqa: F401 - registers the attention rules
+import autosp.compiler.random_ops  # noqa: F401 - registers the dropout rule
+import autosp.compiler.routing  # noqa: F401 - registers the token-routing (bag) rules
 import autosp.compiler.rules  # noqa: F401 - registers the per-op rules
 from autosp.compiler.context import CompileContext
 from autosp.compiler.eager_attention import fuse_eager_attention_pass

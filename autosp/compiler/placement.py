@@ -19,6 +19,11 @@ into two halves; that costs at most ``2P - 1`` padding rows in all.
   becomes padding on the last rank that holds it).
 * ``Replicate()``: every rank holds the same full value.
 * ``Partial()``: the full value is the sum over ranks.
+* ``Local(bag, dim)``: rows along ``dim`` are items made from this rank's tokens (padding rows
+  included) in an order and number of this rank's own, e.g. its tokens sorted by expert
+  (Note [Token bags] in ``routing.py``). No slice of the global value: it is never gathered,
+  only brought back to its tokens' rows. ``dim`` None: a value computed from the whole bag
+  (its per-expert counts).
 
 Padding rows only ever reach padding rows: tokens are processed row-wise, attention is causal
 or masks padding keys, and labels of padding rows are ``ignore_index``.
@@ -59,7 +64,16 @@ class Partial:
     """The value is the sum over ranks of the local values."""
 
 
-Placement = Shard | Replicate | Partial
+@dataclass(frozen=True, slots=True)
+class Local:
+    """Rank-local items of the bag made by the node named ``bag`` along ``dim`` (see the note
+    above); values of one bag line up item by item."""
+
+    bag: str
+    dim: int | None
+
+
+Placement = Shard | Replicate | Partial | Local
 REPLICATE = Replicate()
 
 

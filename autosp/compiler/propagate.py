@@ -18,6 +18,7 @@ rule that passes a size to an op on a sharded value rewrites it to the local siz
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,8 +34,10 @@ import autosp.comm.ops  # noqa: F401 - registers the torch.ops.autosp collective
 from autosp.compiler import runtime
 from autosp.compiler.context import CompileContext, GroupInfo
 from autosp.compiler.ops_table import ATTENTION, meta, op_name
-from autosp.compiler.placement import REPLICATE, Partial, Placement, Replicate, Shard
+from autosp.compiler.placement import REPLICATE, Local, Partial, Placement, Replicate, Shard
 from autosp.compiler.seqdims import SeqDim, seq_dims
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -60,6 +63,15 @@ class UnsupportedOp(Exception):
     """Raised by a rule that cannot keep its op sharded; the pass gathers instead."""
 
 
+class BagEscape(Exception):
+    """A value of a token bag (``Local``) met an op that cannot keep it local: a bag has no
+    global order to gather in, so the pass starts over with the bag's maker gathered."""
+
+    def __init__(self, bag: str, node: Node) -> None:
+        super().__init__(f"bag {bag} reaches {node.format_node()}")
+        self.bag = bag
+
+
 def is_param(node: Any) -> bool:
     value = meta(node)
     return isinstance(value, torch.nn.Parameter) or (
@@ -82,8 +94,14 @@ class ShardingPass:
         mask_overrides: dict[str, Any] | None = None,
         attention: str = "auto",
         load_balance: bool = True,
+        unbagged: frozenset[str] = frozenset(),
     ) -> None:
         self.gm = gm
+        self.unbagged = unbagged
+        """Nodes that may not make token bags (their bag escaped on an earlier try)."""
+        self.facts: dict[Node, Any] = {}
+        """What rules proved about the values of a node beyond its placement (``routing``'s
+        row indices)."""
         self.attention = attention
         self.load_balance = load_balance
         self.mask_overrides = mask_overrides or {}
@@ -166,8 +184,14 @@ class ShardingPass:
 
     def _replicate_node(self, node: Node) -> Node:
         placement = self.placement(node)
-        if isinstance(placement, Replicate) or isinstance(placement, tuple):
+        if isinstance(placement, Local):
+            raise BagEscape(placement.bag, node)
+        if isinstance(placement, Replicate):
             return self.env[node]
+        if isinstance(placement, tuple):
+            if all(isinstance(p, Replicate) for p in placement):
+                return self.env[node]
+            raise UnsupportedOp("a tuple of sharded values is used whole")
         key = (node, REPLICATE, None)
         if key not in self._converted:
             if isinstance(placement, Partial):
@@ -322,6 +346,13 @@ def apply_rule(sp: ShardingPass, node: Node) -> None:
 
 
 def _dispatch(sp: ShardingPass, node: Node, name: str) -> None:
+    bags = _bags_of(sp, node)
+    if bags:
+        handler = LOCAL_RULES.get(name)
+        if handler is None:
+            raise BagEscape(bags[0], node)
+        handler(sp, node)
+        return
     handler = RULES.get(name)
     if handler is None:
         sp.gather_fallback(node, "no rule for this op")
@@ -330,6 +361,32 @@ def _dispatch(sp: ShardingPass, node: Node, name: str) -> None:
         handler(sp, node)
     except UnsupportedOp as err:
         sp.gather_fallback(node, str(err))
+
+
+LOCAL_RULES: dict[str, Rule] = {}
+"""Rules for ops with a token-bag (``Local``) input; such an op without one ends the bag."""
+
+
+def local_rule(*names: str) -> Callable[[Rule], Rule]:
+    """Register a rule for ops named ``names`` that take a ``Local`` input (``routing.py``);
+    it raises ``BagEscape`` where it cannot keep the bag local."""
+
+    def register(fn: Rule) -> Rule:
+        for name in names:
+            LOCAL_RULES.setdefault(name, fn)
+        return fn
+
+    return register
+
+
+def _bags_of(sp: ShardingPass, node: Node) -> list[str]:
+    found = []
+    for arg in tensor_args(node):
+        placement = sp.placement(arg)
+        for p in placement if isinstance(placement, tuple) else (placement,):
+            if isinstance(p, Local):
+                found.append(p.bag)
+    return found
 
 
 LOSS = Replicate(loss_grad=True)
@@ -365,14 +422,31 @@ def _token_input_to_shard(sp: ShardingPass, node: Node, inputs: list[Node]) -> N
 
 
 def shard_sequence_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
-    """The rank-local graph of ``gm`` for ``ctx``'s mask plan; records the plan in ``ctx``."""
-    local_gm, ctx.plan = ShardingPass(
-        gm,
-        ctx.group,
-        ctx.seq_syms,
-        ctx.seq_source,
-        ctx.masks.masks,
-        ctx.config.attention,
-        ctx.config.load_balance,
-    ).run()
-    return local_gm
+    """The rank-local graph of ``gm`` for ``ctx``'s mask plan; records the plan in ``ctx``.
+    A token bag that cannot be kept local is not made: the pass runs again with its maker
+    gathered."""
+    unbagged: frozenset[str] = frozenset()
+    while True:
+        sharding = ShardingPass(
+            gm,
+            ctx.group,
+            ctx.seq_syms,
+            ctx.seq_source,
+            ctx.masks.masks,
+            ctx.config.attention,
+            ctx.config.load_balance,
+            unbagged,
+        )
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                local_gm, ctx.plan = sharding.run()
+        except BagEscape as escape:
+            logger.info("autosp: %s; gathering instead", escape)
+            unbagged |= {escape.bag}
+            continue
+        for warning in caught:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+        return local_gm

@@ -15,11 +15,17 @@ The masks are not those of one process, which only drawing the whole tensor on e
 keeping one's rows could give (``P`` times the random numbers, and an unsharded activation's
 memory per dropout). Dropout thus matches one process in distribution, not in value; the
 backward reuses the forward's mask (it is an output of the graph's forward, never redrawn).
+Dropout of a replicated value keeps the global generator: every rank draws the same mask.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.fx import Node
+
+from autosp.compiler.args import arguments
+from autosp.compiler.placement import Shard
+from autosp.compiler.propagate import ShardingPass, UnsupportedOp, rule
 
 _SEEDS = 2**32
 """The CPU generator (mt19937) keeps 32 bits of a seed: per-rank seeds differ in those."""
@@ -52,3 +58,21 @@ def rank_dropout(x: torch.Tensor, p: float, rank: int, inplace: bool = False) ->
     if inplace:
         return x.mul_(keep).mul_(scale)
     return x * keep * scale
+
+
+@rule("dropout")
+def shard_dropout(sp: ShardingPass, node: Node) -> None:
+    """``F.dropout`` / ``torch.dropout`` of a sharded value: this rank's own mask."""
+    args = arguments(node)
+    if args is None:
+        raise UnsupportedOp("its arguments match no known signature")
+    x, p = args["input"], args.get("p", 0.5)
+    training, inplace = args.get("training", args.get("train", True)), args.get("inplace", False)
+    placement = sp.placement(x)
+    if not isinstance(placement, Shard):
+        raise UnsupportedOp("dropout of a partial sum")
+    if not training or (isinstance(p, (int, float)) and p == 0):
+        sp.env[node], sp.placements[node] = sp.env[x], placement
+        return
+    sp.env[node] = sp.call(rank_dropout, sp.env[x], p, sp.group.rank, inplace)
+    sp.placements[node] = placement

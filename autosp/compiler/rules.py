@@ -31,7 +31,7 @@ from autosp.compiler.ops_table import (
 )
 from autosp.compiler.placement import REPLICATE, Partial, Replicate, Shard, normalize_dim
 from autosp.compiler.propagate import ShardingPass, UnsupportedOp, rule, tensor_args
-from autosp.compiler.seqdims import SeqDim, hint
+from autosp.compiler.seqdims import SeqDim, hint, seq_dims
 
 # --------------------------------------------------------------------------- helpers
 
@@ -170,6 +170,26 @@ def _merge_inner(in_meta: torch.Tensor, out_meta: torch.Tensor, in_dim: int, out
     return math.prod(int(s) for s in inner)
 
 
+RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten"})
+"""Layout ops that may regroup the dimensions merged with the sequence."""
+
+
+def _reshaped_inner(
+    in_meta: torch.Tensor, out_meta: torch.Tensor, placement: Shard, out: int
+) -> int:
+    """The ``inner`` of a merged sequence after a reshape into output dim ``out``: the
+    sequence's stride in the flat layout, which a reshape keeps, over the output dims after
+    ``out`` (all static)."""
+    after_in, after_out = in_meta.shape[placement.dim + 1 :], out_meta.shape[out + 1 :]
+    if any(isinstance(s, torch.SymInt) for s in (*after_in, *after_out)):
+        raise UnsupportedOp("the sequence is merged with a dynamic dimension")
+    stride = placement.inner * math.prod(int(s) for s in after_in)
+    rest = math.prod(int(s) for s in after_out)
+    if stride % rest:
+        raise UnsupportedOp("a reshape splits the sequence")
+    return stride // rest
+
+
 def layout(sp: ShardingPass, node: Node) -> None:
     """View-like ops: the sequence rows move to the output dim whose size is the sequence."""
     source, placement = _single_shard(sp, node)
@@ -181,8 +201,12 @@ def layout(sp: ShardingPass, node: Node) -> None:
         merged = [d for d in dims if d.merged]
         if len(plain) == 1 and not merged:
             out_dim, target = plain[0], Shard(plain[0].dim, 0, plain[0].length)
-        elif len(merged) == 1 and not plain and op_name(node) not in SHAPE_ARG_OPS:
-            out_dim, target = merged[0], Shard(merged[0].dim, placement.inner, placement.length)
+        elif len(merged) == 1 and not plain:
+            out_dim = merged[0]
+            inner = placement.inner
+            if op_name(node) in RESHAPES:
+                inner = _reshaped_inner(meta(source), meta(node), placement, out_dim.dim)
+            target = Shard(out_dim.dim, inner, placement.length)
         else:
             raise UnsupportedOp("a merged sequence dimension is reshaped")
     else:
@@ -284,7 +308,9 @@ def _size_dim(node: Node) -> Any:
 
 
 def reduce_dim(sp: ShardingPass, node: Node) -> None:
-    """Reductions and normalisations along ``dim``: fine unless ``dim`` is the sequence."""
+    """Reductions and normalisations along ``dim``: row by row unless ``dim`` is the sequence;
+    a sum or mean over the sequence is this rank's term of a ``Partial`` sum. Ops with several
+    outputs of one shape (``topk``, ``max(dim)``) place each alike."""
     found = _args(node)
     if isinstance(found.get("other"), Node):
         pointwise(sp, node)  # torch.max(a, b): elementwise, not a reduction
@@ -292,13 +318,71 @@ def reduce_dim(sp: ShardingPass, node: Node) -> None:
     source, placement = _single_shard(sp, node)
     dim = found.get("dim")
     ndim = meta(source).dim()
-    if dim is None:
-        raise UnsupportedOp("reduction over all dimensions, the sequence included")
     dims = dim if isinstance(dim, (tuple, list)) else (dim,)
-    if placement.dim in {normalize_dim(d, ndim) for d in dims}:
+    if dim is None or dims == () or placement.dim in {normalize_dim(d, ndim) for d in dims}:
+        if op_name(node) in ("sum", "mean") and source is next(iter(found.values())):
+            _sum_rows(sp, node, source, placement, found)
+            return
         raise UnsupportedOp("reduction along the sequence dimension")
-    out_dim = _output_seq_dim(sp, node, placement)
-    _emit_local(sp, node, _shard_of(out_dim, placement))
+    out = meta(node)
+    several = isinstance(out, (tuple, list))
+    dims_out = [
+        d for d in seq_dims(out[0] if several else out, sp.syms) if d.merged == placement.merged
+    ]
+    if not placement.merged:
+        dims_out = [d for d in dims_out if d.length == placement.length]
+    if len(dims_out) != 1:
+        raise UnsupportedOp("cannot tell which output dimension holds the sequence")
+    target = _shard_of(dims_out[0], placement)
+    _emit_local(sp, node, tuple([target] * len(out)) if several else target)
+
+
+def _sum_rows(
+    sp: ShardingPass, node: Node, source: Node, placement: Shard, found: dict[str, Any]
+) -> None:
+    """``sum`` / ``mean`` over dims including the sequence: this rank's rows (padding left
+    out; a mean divides by the whole count), summed over ranks where the value is needed."""
+    dim = found.get("dim")
+    dims = list(dim) if isinstance(dim, (tuple, list)) else None if dim is None else [dim]
+    local = sp.call(
+        runtime.sum_rows,
+        sp.env[source],
+        dims or None,
+        bool(found.get("keepdim", False)),
+        found.get("dtype"),
+        op_name(node) == "mean",
+        placement.dim,
+        sp.seq_len,
+        sp.group.rank,
+        sp.group.world,
+        placement.inner,
+        placement.length,
+    )
+    sp.env[node], sp.placements[node] = local, Partial()
+
+
+@rule("histc")
+def histc(sp: ShardingPass, node: Node) -> None:
+    """A histogram of sharded values with a fixed range: this rank's counts, a ``Partial``."""
+    source, placement = _single_shard(sp, node)
+    found = _args(node)
+    low, high = found.get("min"), found.get("max")
+    if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and low < high):
+        raise UnsupportedOp("a histogram whose range is taken from the data")
+    local = sp.call(
+        runtime.histc_rows,
+        sp.env[source],
+        found.get("bins", 100),
+        low,
+        high,
+        placement.dim,
+        sp.seq_len,
+        sp.group.rank,
+        sp.group.world,
+        placement.inner,
+        placement.length,
+    )
+    sp.env[node], sp.placements[node] = local, Partial()
 
 
 @rule("layer_norm", "rms_norm", "group_norm")

@@ -101,6 +101,67 @@ def valid_rows(seq_len: int, length: int, rank: int, world: int) -> int:
     return max(0, min(block, seq_len + length - rank * block))
 
 
+def row_mask(
+    x: torch.Tensor, dim: int, seq_len: int, rank: int, world: int, inner: int, length: int
+) -> torch.Tensor:
+    """True on this rank's rows of ``x`` along ``dim`` that lie inside the logical length
+    (False on padding rows), shaped to broadcast against ``x``."""
+    dim = dim % x.dim()
+    rows = torch.arange(x.shape[dim], device=x.device)
+    if inner:
+        rows = rows // inner % block_len(seq_len, world)
+    valid = rows < valid_rows(seq_len, length, rank, world)
+    return valid.view([-1 if d == dim else 1 for d in range(x.dim())])
+
+
+def sum_rows(
+    x: torch.Tensor,
+    reduce_dims: list[int] | None,
+    keepdim: bool,
+    dtype: torch.dtype | None,
+    mean: bool,
+    dim: int,
+    seq_len: int,
+    rank: int,
+    world: int,
+    inner: int,
+    length: int,
+) -> torch.Tensor:
+    """This rank's term of a sum (or mean) of ``x`` over ``reduce_dims`` (all if None), which
+    include its sequence ``dim``: padding rows are left out and a mean divides by the whole
+    count, so the sum over ranks is the single-process value."""
+    kept = torch.where(row_mask(x, dim, seq_len, rank, world, inner, length), x, 0)
+    dims = list(range(x.dim())) if reduce_dims is None else [d % x.dim() for d in reduce_dims]
+    total = kept.sum(dims, keepdim=keepdim, dtype=dtype)
+    if not mean:
+        return total
+    count = 1
+    for d in dims:
+        count = count * (
+            full_size(x, d, seq_len, world, inner, length) if d == dim % x.dim() else x.shape[d]
+        )
+    return total / count
+
+
+def histc_rows(
+    x: torch.Tensor,
+    bins: int,
+    low: float,
+    high: float,
+    dim: int,
+    seq_len: int,
+    rank: int,
+    world: int,
+    inner: int,
+    length: int,
+) -> torch.Tensor:
+    """This rank's term of ``torch.histc`` over a sharded ``x``: padding rows are moved out of
+    the range ``[low, high]``, which histc leaves out."""
+    outside = high + (high - low) + 1
+    kept = torch.where(row_mask(x, dim, seq_len, rank, world, inner, length), x, outside)
+    return torch.histc(kept, bins=bins, min=low, max=high)
+
+
 def reduce_partial(x: torch.Tensor, group: str) -> torch.Tensor:
     """Partial -> replicated."""
     return ops.all_reduce(x, group)

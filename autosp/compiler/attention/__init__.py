@@ -3,7 +3,8 @@
 ``ulysses.py`` trades the sequence shard for a head shard around the kernel (all-to-all);
 ``ring.py`` keeps the query rows and passes key/value blocks around the ring (send/recv);
 ``hybrid.py`` runs Ulysses inside groups and ring across them. The choice is made per attention
-call (``choose_strategy``) and recorded in the plan. ``load_balance.py`` moves a causal ring to
+call (``choose_strategy``) and recorded in the plan; keys and values that are not the sequence
+(cross-attention) stay whole (``local.py``). ``load_balance.py`` moves a causal ring to
 the zigzag layout; ``mask_spec.py`` defines structured masks, which Ulysses computes with
 ``blockwise.py`` and ring block by block; ``blocks.py`` is the block math both share.
 """
@@ -13,10 +14,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch.fx import Node
 
 from autosp.compiler.args import bind_defaults
 from autosp.compiler.attention.hybrid import hybrid_attention
+from autosp.compiler.attention.local import local_attention
 from autosp.compiler.attention.mask_spec import MaskSpec, document_ids
 from autosp.compiler.attention.ring import ring_attention
 from autosp.compiler.attention.ulysses import ulysses_attention
@@ -78,6 +81,48 @@ def _structure(sp: ShardingPass, spec: MaskSpec) -> dict[str, Any]:
     return structure
 
 
+def _is_sequence(sp: ShardingPass, node: Node, dim: int) -> bool:
+    """Whether dimension ``dim`` of ``node`` is the sequence itself: its size is the sequence
+    symbol (not merged, not offset)."""
+    return any(d.dim == dim and not d.merged and d.length == 0 for d in sp.seq_dims(node))
+
+
+def _shard_local(sp: ShardingPass, node: Node, args: dict[str, Any]) -> None:
+    """Attention whose keys/values are not the sequence: this rank's query rows attend to the
+    whole keys and values (``local_attention``), the mask's rows sliced like the queries."""
+    query, key, mask = args["query"], args["key"], args["attn_mask"]
+    if args["is_causal"]:
+        raise UnsupportedOp("causal attention to keys/values that are not the sequence")
+    if mask is not None:
+        mask_meta = meta(mask)
+        rows = mask_meta.dim() - 2
+        if rows >= 0 and _is_sequence(sp, mask, rows):
+            mask = sp.shard(mask, Shard(rows), True if mask_meta.dtype == torch.bool else 0.0)
+        elif rows < 0 or hint(mask_meta.shape[rows]) == 1:
+            mask = sp.replicate(mask)
+        else:
+            raise UnsupportedOp("a mask whose rows are not the queries")
+    seq_dim = meta(query).dim() - 2
+    sp.env[node] = sp.call(
+        local_attention,
+        sp.shard(query, Shard(seq_dim)),
+        sp.replicate(key),
+        sp.replicate(args["value"]),
+        mask,
+        args["dropout_p"],
+        args["scale"],
+        args["enable_gqa"],
+        rank=sp.group.rank,
+        softcap=args["softcap"],
+    )
+    sp.placements[node] = Shard(seq_dim)
+    length = hint(meta(key).shape[-2])
+    sp.plan.attention.append(
+        f"{node.name}: local (keys/values of {length} rows are not the sequence; each rank's "
+        "queries attend to all of them)"
+    )
+
+
 @rule(*ATTENTION)
 def shard_attention(sp: ShardingPass, node: Node) -> None:
     """Replace ``scaled_dot_product_attention`` by a sequence-parallel strategy."""
@@ -92,6 +137,11 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
             f"autosp: attention {node.name} has no head dimension (query shape "
             f"{tuple(q_meta.shape)}); reshape the query to [batch, heads, seq, head_dim]."
         )
+    if not _is_sequence(sp, query, q_meta.dim() - 2):
+        raise UnsupportedOp("the query rows are not the sequence")
+    if not all(_is_sequence(sp, t, meta(t).dim() - 2) for t in (key, args["value"])):
+        _shard_local(sp, node, args)
+        return
     heads, kv_heads = hint(q_meta.shape[-3]), hint(k_meta.shape[-3])
     mask, is_causal = args["attn_mask"], args["is_causal"]
     recognised = sp.mask_overrides.get(node.name)

@@ -3,8 +3,26 @@
 A block is query rows against key/value rows with an additive bias. Its forward returns an
 fp32 output and log-sum-exp per row, merged exactly with other blocks' (``merge``); its
 backward takes the *global* output and log-sum-exp of those rows, so blocks never need each
-other (https://arxiv.org/abs/2112.05682, section 3). Blocks run on the CPU flash-attention
-kernel, which returns the log-sum-exp, or in plain fp32 math (other devices, soft-capping).
+other (https://arxiv.org/abs/2112.05682, section 3).
+
+Note [Block kernels]
+--------------------
+A block runs on a fused kernel that returns the log-sum-exp, chosen by ``choose_kernel``:
+
+- ``"cpu_flash"``: ``aten._scaled_dot_product_flash_attention_for_cpu`` (any dtype, bias);
+- ``"flash"``: ``aten._scaled_dot_product_flash_attention`` on CUDA (fp16/bf16, no bias,
+  head dim a multiple of 8 up to 256);
+- ``"efficient"``: ``aten._scaled_dot_product_efficient_attention`` on CUDA (a bias, fp32,
+  other head dims). Its log-sum-exp has rows padded to a multiple of 32 and its bias must be
+  ``[B, H, Lq, Lk]`` in the query dtype with rows aligned to 16 elements (``_kernel_bias``);
+- ``"math"``: plain fp32 math, for soft-capped scores (Gemma-2), other devices, or when asked
+  (``use_kernel=False``); it takes at most ``MATH_ROWS`` query rows at a time, so no
+  ``[B, H, L, L]`` fp32 scores are ever built.
+
+The kernels' backward ops take the global output (in the query dtype) and log-sum-exp; with no
+dropout their random-number state is never read. A row that sees no key of the block gets
+output 0 and log-sum-exp ``-inf`` whatever the kernel reports. Nothing here reads a tensor on
+the host: which blocks run is decided from positions alone (no synchronisation per block).
 """
 
 from __future__ import annotations
@@ -12,13 +30,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+aten = torch.ops.aten
+
+MATH_ROWS = 1024
+"""Query rows per step of the fp32 math path."""
+
+LSE_ALIGN = 32
+"""The efficient kernel pads its log-sum-exp rows to a multiple of this."""
+
+BIAS_ALIGN = 16
+"""The efficient kernel wants bias rows whose stride is a multiple of this."""
 
 
 @dataclass(frozen=True, slots=True)
 class Block:
     """One step's work: query rows ``q`` attend to rows ``kv`` of the block held, with an
     additive fp32 ``bias`` (or None), ``diagonal`` marking a causal mask between equal
-    positions."""
+    positions (query row ``i`` sees key rows ``<= i`` of the block)."""
 
     q: slice
     kv: slice
@@ -33,25 +63,173 @@ def repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.repeat_interleave(heads // t.shape[-3], dim=-3) if t.shape[-3] != heads else t
 
 
-def _scores(
+def choose_kernel(q: torch.Tensor, has_bias: bool, softcap: float, use_kernel: bool) -> str:
+    """The kernel that computes a block of queries ``q`` (Note [Block kernels])."""
+    if not use_kernel or softcap:
+        return "math"
+    if q.device.type == "cpu":
+        return "cpu_flash"
+    if q.device.type != "cuda":
+        return "math"
+    head_dim = q.shape[-1]
+    flash_ok = q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0
+    if not has_bias and flash_ok and head_dim <= 256:
+        return "flash"
+    return "efficient"
+
+
+def _kernel_bias(bias: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``bias`` as the efficient kernel takes it: query dtype, ``[B, H, Lq, Lk]`` (broadcast
+    dimensions expanded, not copied), rows padded to ``BIAS_ALIGN`` elements."""
+    cols = bias.shape[-1]
+    padded = F.pad(bias.to(q.dtype), (0, -cols % BIAS_ALIGN))[..., :cols]
+    return padded.expand(*q.shape[:-1], k.shape[-2])
+
+
+def _no_rng(q: torch.Tensor) -> torch.Tensor:
+    """Random-number state for a backward op without dropout (never read)."""
+    return torch.empty((), dtype=torch.int64, device=q.device)
+
+
+def _hide_empty_rows(
+    out: torch.Tensor, lse: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output 0 and log-sum-exp ``-inf`` for rows that ``bias`` hides entirely (kernels
+    report 0 or NaN there)."""
+    if bias is None:
+        return out, lse
+    empty = torch.isneginf(bias).all(-1)
+    return out.masked_fill(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, float("-inf"))
+
+
+def _kernel_forward(
+    kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: Block, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fused kernel's output (fp32) and log-sum-exp (fp32, ``[..., Lq]``)."""
+    if kernel == "cpu_flash":
+        mask = None if block.bias is None else block.bias.to(q.dtype)
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, block.diagonal, attn_mask=mask, scale=scale
+        )
+    elif kernel == "flash":
+        out, lse, *_ = aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, block.diagonal, False, scale=scale
+        )
+    elif kernel == "efficient":
+        bias = None if block.bias is None else _kernel_bias(block.bias, q, k)
+        out, lse, *_ = aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, True, 0.0, block.diagonal, scale=scale
+        )
+        lse = lse[..., : q.shape[-2]]
+    else:
+        raise ValueError(f"autosp: unknown attention kernel {kernel!r}")
+    return _hide_empty_rows(out.float(), lse.float(), block.bias)
+
+
+def _kernel_backward(
+    kernel: str,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    block: Block,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fused kernel's gradients of one block from the global ``out`` and ``lse``."""
+    lse = lse.float().contiguous()
+    if kernel == "cpu_flash":
+        mask = None if block.bias is None else block.bias.to(q.dtype)
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, block.diagonal, attn_mask=mask, scale=scale
+        )
+    if kernel == "flash":
+        rows, cols = q.shape[-2], k.shape[-2]
+        return aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse, None, None, rows, cols, 0.0, block.diagonal,
+            _no_rng(q), _no_rng(q), scale=scale,
+        )  # fmt: skip
+    if kernel == "efficient":
+        bias = None if block.bias is None else _kernel_bias(block.bias, q, k)
+        lse = F.pad(lse, (0, -q.shape[-2] % LSE_ALIGN), value=float("inf"))
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            dout, q, k, v, bias, out, lse, _no_rng(q), _no_rng(q), 0.0,
+            [True, True, True, False], block.diagonal, scale=scale,
+        )  # fmt: skip
+        return dq, dk, dv
+    raise ValueError(f"autosp: unknown attention kernel {kernel!r}")
+
+
+def _math_scores(
     q: torch.Tensor,
     k: torch.Tensor,
     bias: torch.Tensor | None,
     diagonal: bool,
+    first: int,
     scale: float,
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 masked scores and, with a soft-cap, ``tanh`` of the scaled scores (for backward)."""
+    """fp32 masked scores of query rows ``first..`` (``q``) of a block and, with a soft-cap,
+    ``tanh`` of the scaled scores (for backward)."""
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     capped = None
     if softcap:
         capped = torch.tanh(scores / softcap)
         scores = capped * softcap
     if bias is not None:
-        scores = scores + bias
+        rows = bias if bias.shape[-2] == 1 else bias[..., first : first + q.shape[-2], :]
+        scores = scores + rows
     if diagonal:
-        scores = scores.masked_fill(_future(scores.shape[-2], q.device), float("-inf"))
+        row = first + torch.arange(q.shape[-2], device=q.device).unsqueeze(-1)
+        future = torch.arange(k.shape[-2], device=q.device) > row
+        scores = scores.masked_fill(future, float("-inf"))
     return scores, capped
+
+
+def _row_chunks(rows: int) -> list[tuple[int, int]]:
+    return [(a, min(a + MATH_ROWS, rows)) for a in range(0, rows, MATH_ROWS)]
+
+
+def _math_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: Block, scale: float, softcap: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    outs, lses = [], []
+    for a, b in _row_chunks(q.shape[-2]):
+        scores, _ = _math_scores(q[..., a:b, :], k, block.bias, block.diagonal, a, scale, softcap)
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
+        outs.append(probs @ v.float())
+        lses.append(lse)
+    return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
+
+
+def _math_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    block: Block,
+    scale: float,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kf, vf = k.float(), v.float()
+    dqs, dk, dv = [], torch.zeros_like(kf), torch.zeros_like(vf)
+    for a, b in _row_chunks(q.shape[-2]):
+        rows = slice(a, b)
+        qf, doutf = q[..., rows, :].float(), dout[..., rows, :].float()
+        scores, capped = _math_scores(qf, k, block.bias, block.diagonal, a, scale, softcap)
+        probs = torch.exp(scores - lse[..., rows].unsqueeze(-1)).nan_to_num(0.0)
+        delta = (doutf * out[..., rows, :].float()).sum(-1, keepdim=True)
+        dscores = probs * (doutf @ vf.transpose(-1, -2) - delta) * scale
+        if capped is not None:
+            dscores = dscores * (1 - capped.square())
+        dqs.append(dscores @ kf)
+        dk = dk + dscores.transpose(-1, -2) @ qf
+        dv = dv + probs.transpose(-1, -2) @ doutf
+    return torch.cat(dqs, dim=-2), dk, dv
 
 
 def block_forward(
@@ -61,27 +239,13 @@ def block_forward(
     block: Block,
     scale: float,
     softcap: float,
-    use_kernel: bool,
+    kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one block: fp32 output and log-sum-exp per query row (``-inf`` for a row
-    that sees no key of the block).
-
-    With ``use_kernel`` (and no soft-cap) the CPU flash-attention kernel runs it (``diagonal``
-    marks the causal block, whose future keys it hides itself); otherwise plain fp32 math.
-    """
-    if use_kernel and not softcap:
-        mask = None if block.bias is None else block.bias.to(q.dtype)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, block.diagonal, attn_mask=mask, scale=scale
-        )
-        lse = lse.float()
-        if block.bias is not None:  # the kernel reports 0, not -inf, for a row that sees nothing
-            lse = lse.masked_fill(torch.isneginf(block.bias).all(-1), float("-inf"))
-        return out.float(), lse
-    scores, _ = _scores(q, k, block.bias, block.diagonal, scale, softcap)
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
-    return probs @ v.float(), lse
+    that sees no key of the block), on ``kernel`` (Note [Block kernels])."""
+    if kernel == "math":
+        return _math_forward(q, k, v, block, scale, softcap)
+    return _kernel_forward(kernel, q, k, v, block, scale)
 
 
 def block_backward(
@@ -94,27 +258,13 @@ def block_backward(
     block: Block,
     scale: float,
     softcap: float,
-    use_kernel: bool,
+    kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one block given the *global* output and log-sum-exp (fp32 results)."""
-    if use_kernel and not softcap:
-        mask = None if block.bias is None else block.bias.to(q.dtype)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, block.diagonal, attn_mask=mask, scale=scale
-        )
-        return dq.float(), dk.float(), dv.float()
-    qf, kf, vf, doutf = q.float(), k.float(), v.float(), dout.float()
-    scores, capped = _scores(q, k, block.bias, block.diagonal, scale, softcap)
-    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
-    delta = (doutf * out.float()).sum(-1, keepdim=True)
-    dscores = probs * (doutf @ vf.transpose(-1, -2) - delta) * scale
-    if capped is not None:
-        dscores = dscores * (1 - capped.square())
-    return dscores @ kf, dscores.transpose(-1, -2) @ qf, probs.transpose(-1, -2) @ doutf
-
-
-def _future(rows: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(rows, rows, dtype=torch.bool, device=device).triu(1)
+    if kernel == "math":
+        return _math_backward(dout, q, k, v, out, lse, block, scale, softcap)
+    grads = _kernel_backward(kernel, dout, q, k, v, out, lse, block, scale)
+    return grads[0].float(), grads[1].float(), grads[2].float()
 
 
 def merge(
@@ -139,7 +289,8 @@ def accumulate_forward(
     """Attend ``block`` of queries ``q`` to key/value rows ``kv`` and merge the result into the
     fp32 ``out`` and ``lse`` of those query rows, in place."""
     k, v = (repeat_heads(t[..., block.kv, :], q.shape[-3]) for t in kv)
-    result = block_forward(q[..., block.q, :], k, v, block, scale, softcap, use_kernel)
+    kernel = choose_kernel(q, block.bias is not None, softcap, use_kernel)
+    result = block_forward(q[..., block.q, :], k, v, block, scale, softcap, kernel)
     out[..., block.q, :], lse[..., block.q] = merge(
         out[..., block.q, :], lse[..., block.q], *result
     )
@@ -172,7 +323,7 @@ def accumulate_backward(
         block,
         scale,
         softcap,
-        use_kernel,
+        choose_kernel(q, block.bias is not None, softcap, use_kernel),
     )
     dq[..., rows, :] += grads[0]
     group_size = heads // kv[0].shape[-3]

@@ -116,12 +116,11 @@ def blockwise_attention(
     valid: torch.Tensor | None = None,
     softcap: float = 0.0,
     chunk: int = CHUNK,
-    use_kernel: bool | None = None,
+    use_kernel: bool = True,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` of whole-sequence ``[..., H, S, D]`` inputs under a
     structured mask (Note [Blockwise attention])."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    use_kernel = query.device.type == "cpu" if use_kernel is None else use_kernel
     out, _ = blockwise_attention_fwd(
         query,
         key,

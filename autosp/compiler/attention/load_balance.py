@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from autosp.comm.faults import collective
 from autosp.comm.ops import _counts, _group
 
 
@@ -51,13 +52,14 @@ def _permute(x: torch.Tensor, dim: int, group: str, to_zigzag: bool) -> torch.Te
     incoming = sorted(dst(rank, world), key=lambda g: (owner_src[g], g))
     send = torch.cat([held[g] for g in outgoing]).contiguous()
     received = torch.empty_like(send)
-    dist.all_to_all_single(
-        received,
-        send,
-        [half * sum(owner_src[g] == p for g in incoming) for p in range(world)],
-        [half * sum(owner_dst[g] == p for g in outgoing) for p in range(world)],
-        group=pg,
-    )
+    with collective("a load-balancing all_to_all", pg):
+        dist.all_to_all_single(
+            received,
+            send,
+            [half * sum(owner_src[g] == p for g in incoming) for p in range(world)],
+            [half * sum(owner_dst[g] == p for g in outgoing) for p in range(world)],
+            group=pg,
+        )
     _counts["load_balance_all_to_all"] += 1
     chunks = dict(zip(incoming, received.split(half), strict=True))
     return torch.cat([chunks[g] for g in dst(rank, world)]).movedim(0, dim).contiguous()

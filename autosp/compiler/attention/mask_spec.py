@@ -12,8 +12,10 @@ Hugging Face builds ``[B, 1, S, S]`` masks that are conjunctions of a few simple
 
 ``masks.py`` finds the spec of a model's mask by evaluating its subgraph on sampled inputs
 and comparing with ``allowed``; the attention strategies then build only the ``[rows, cols]``
-blocks of the mask they compute (``block_bias``), never ``S x S``. Positions ``>= seq_len`` are
-padding: hidden as keys, and as queries they see every key (no softmax row is empty).
+blocks of the mask they compute (``block_bias``), never ``S x S``, and skip the blocks that
+causality, the window and padding hide (``block_hidden``, from positions alone: no tensor is
+read on the host). Positions ``>= seq_len`` are padding: hidden as keys, and as queries they
+see every key (no softmax row is empty).
 """
 
 from __future__ import annotations
@@ -104,16 +106,29 @@ def block_bias(
     seq_len: int,
     documents: torch.Tensor | None,
     valid: torch.Tensor | None,
-) -> torch.Tensor | None:
+) -> torch.Tensor:
     """Additive fp32 bias ``[B or 1, 1, Lq, Lk]`` of one block of (possibly padding)
-    positions; None when it hides every key from every query (the block is skipped)."""
+    positions."""
     q_real, k_real = q_pos < seq_len, k_pos < seq_len
     q_c, k_c = q_pos.clamp(max=seq_len - 1), k_pos.clamp(max=seq_len - 1)
     ok = allowed(causal, window, q_c, k_c, documents, valid) & k_real
-    if not bool(ok[..., q_real, :].any()):
-        return None
     ok = ok | ~q_real.unsqueeze(-1)
     return torch.zeros(ok.shape, device=ok.device).masked_fill(~ok, float("-inf"))
+
+
+def block_hidden(
+    causal: bool, window: int, q: tuple[int, int], k: tuple[int, int], seq_len: int
+) -> bool:
+    """Whether causality, the window and padding hide every key at positions ``[k0, k1)``
+    from every real query at ``[q0, q1)``: decided from positions alone, so that choosing
+    the blocks reads no tensor (documents and key validity only mask inside a block)."""
+    (q0, q1), (k0, k1) = q, (k[0], min(k[1], seq_len))
+    q1 = min(q1, seq_len)
+    if q0 >= q1 or k0 >= k1:
+        return True  # no real query, or only padding keys
+    if causal and k0 > q1 - 1:
+        return True  # every key after every query
+    return bool(window) and q0 - (k1 - 1) >= window  # every key too far behind
 
 
 def structured_blocks(
@@ -130,15 +145,16 @@ def structured_blocks(
     chunk: int = CHUNK,
 ) -> Iterator[Block]:
     """The ``chunk x chunk`` blocks of ``q_rows`` queries at positions ``q_offset..`` against
-    ``k_rows`` keys at ``k_offset..`` that the mask does not hide entirely (local slices)."""
+    ``k_rows`` keys at ``k_offset..`` that the mask's geometry does not hide (local slices)."""
     for q_start in range(0, q_rows, chunk):
         q_end = min(q_start + chunk, q_rows)
-        q_pos = q_offset + torch.arange(q_start, q_end, device=device)
+        q_span = (q_offset + q_start, q_offset + q_end)
         for k_start in range(0, k_rows, chunk):
-            if causal and k_offset + k_start >= q_offset + q_end:
-                break
             k_end = min(k_start + chunk, k_rows)
-            k_pos = k_offset + torch.arange(k_start, k_end, device=device)
+            k_span = (k_offset + k_start, k_offset + k_end)
+            if block_hidden(causal, window, q_span, k_span, seq_len):
+                continue
+            q_pos = torch.arange(*q_span, device=device)
+            k_pos = torch.arange(*k_span, device=device)
             bias = block_bias(causal, window, q_pos, k_pos, seq_len, documents, valid)
-            if bias is not None:
-                yield Block(slice(q_start, q_end), slice(k_start, k_end), False, bias)
+            yield Block(slice(q_start, q_end), slice(k_start, k_end), False, bias)

@@ -14,12 +14,14 @@ log-sum-exp ``lse``, in fp32 (derivation: https://arxiv.org/abs/2112.05682, sect
 Causal attention skips blocks from the future and applies the causal mask inside the diagonal
 block; on even blocks it runs in the zigzag layout, where every rank does equal work
 (Note [Load balancing]). A dense mask (sliding windows, documents, padding) arrives as this
-rank's query rows of it; each step takes the columns of the block held, and skips a block
-the mask hides entirely. Each block runs on the CPU flash-attention kernel, which returns the
-log-sum-exp and whose backward takes the global output and log-sum-exp, or on plain fp32 math
-elsewhere and for soft-capped scores (Gemma-2). The backward recomputes each block from the
-saved global ``lse``; the key/value gradients travel around the ring with their block and
-arrive back at its owner after ``P`` hops.
+rank's query rows of it; each step takes the columns of the block held (a block it hides
+entirely is computed too: which blocks run is decided from positions alone, never by reading
+a tensor on the host). A structured mask skips the blocks its geometry hides (Note
+[Structured masks]). Each block runs on a fused kernel that returns the log-sum-exp and whose
+backward takes the global output and log-sum-exp, or on fp32 math for soft-capped scores
+(Gemma-2) (Note [Block kernels]). The backward recomputes each block from the saved global
+``lse``; the key/value gradients travel around the ring with their block and arrive back at
+its owner after ``P`` hops.
 
 Padding rows sit at the end of the sequence: causal attention never shows them to a real query;
 otherwise keys at positions ``>= seq_len`` are masked, and padding queries see every key (so no
@@ -33,18 +35,22 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from autosp.comm.faults import collective
 from autosp.comm.ops import _counts, _group
 from autosp.compiler import runtime
 from autosp.compiler.attention.blocks import (
     ALL,
+    MATH_ROWS,
     Block,
-    _scores,
+    _math_scores,
     accumulate_backward,
     accumulate_forward,
     repeat_heads,
 )
 from autosp.compiler.attention.load_balance import permute_chunks
 from autosp.compiler.attention.mask_spec import Structure, structure_of, structured_blocks
+
+RING = "a ring send/receive"
 
 
 def _exchange(
@@ -59,7 +65,8 @@ def _exchange(
     ops = [dist.P2POp(dist.isend, t, nxt, pg) for t in tensors]
     ops += [dist.P2POp(dist.irecv, t, prv, pg) for t in received]
     _counts["ring_send_recv"] += 1
-    return received, dist.batch_isend_irecv(ops)
+    with collective(RING, pg):
+        return received, dist.batch_isend_irecv(ops)
 
 
 def _padding_bias(
@@ -67,21 +74,19 @@ def _padding_bias(
 ) -> torch.Tensor | None:
     """Additive fp32 bias ``[1, rows]`` (broadcast over queries) hiding the padding keys of
     block ``k_block``; None if it has none."""
-    key_pos = k_block * rows + torch.arange(rows, device=device)
-    if int(key_pos[-1]) < seq_len:
+    if (k_block + 1) * rows <= seq_len:
         return None
+    key_pos = k_block * rows + torch.arange(rows, device=device)
     return torch.zeros(1, rows, device=device).masked_fill(key_pos >= seq_len, float("-inf"))
 
 
-def _mask_bias(mask: torch.Tensor) -> torch.Tensor | None:
-    """A boolean (True = attend) or additive mask block as an fp32 bias; None if it hides
-    every key from every query (the block is skipped)."""
+def _mask_bias(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean (True = attend) or additive mask block as an fp32 bias. A block the mask
+    hides entirely is still computed (it adds nothing): skipping it would read the mask on
+    the host, a synchronisation per block."""
     if mask.dtype == torch.bool:
-        if not bool(mask.any()):
-            return None
         return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
-    bias = mask.float()
-    return None if bool(torch.isneginf(bias).all()) else bias
+    return mask.float()
 
 
 def _contiguous_blocks(
@@ -107,7 +112,7 @@ def _contiguous_blocks(
         return list(structured_blocks(rank * rows, rows, src * rows, rows, *args))
     if mask is not None:
         bias = _mask_bias(mask[..., src * rows : (src + 1) * rows])
-        return [] if bias is None else [Block(ALL, ALL, causal and src == rank, bias)]
+        return [Block(ALL, ALL, causal and src == rank, bias)]
     if causal:
         return [Block(ALL, ALL, src == rank)]
     return [Block(ALL, ALL, False, _padding_bias(rows, src, seq_len, device))]
@@ -151,8 +156,9 @@ def _ring_steps(
             yield blocks, kv
         if pending is not None:
             received, works = pending
-            for work in works:
-                work.wait()
+            with collective(RING, pg):
+                for work in works:
+                    work.wait()
             kv = received
 
 
@@ -232,17 +238,18 @@ def ring_attention_bwd(
             if dmask.numel():
                 rows = kv[0].shape[-2]
                 cols = dmask.narrow(-1, (rank - step) % world * rows, rows)
-                grad = _bias_grad(grad_out, q, kv, out, lse, block, scale, softcap)
-                cols += grad.sum_to_size(cols.shape)
+                _add_bias_grad(cols, grad_out, q, kv, out, lse, block, scale, softcap)
         # The gradient of the block just used follows it to the next rank.
         dkv, works = _exchange(dkv, pg)
-        for work in works:
-            work.wait()
+        with collective(RING, pg):
+            for work in works:
+                work.wait()
     dmask = dmask.to(mask.dtype) if dmask.numel() else dmask
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), dmask
 
 
-def _bias_grad(
+def _add_bias_grad(
+    acc: torch.Tensor,
     grad_out: torch.Tensor,
     q: torch.Tensor,
     kv: list[torch.Tensor],
@@ -251,17 +258,22 @@ def _bias_grad(
     block: Block,
     scale: float,
     softcap: float,
-) -> torch.Tensor:
-    """The gradient of ``block``'s additive bias, fp32 ``[..., rows, cols]``: the scores'
-    gradient ``P * (dO @ V^T - rowsum(dO * O))`` (the bias is added after scaling and
-    soft-capping), from the global ``out`` and ``lse`` of the block's query rows."""
-    rows = block.q
-    k, v = (repeat_heads(t[..., block.kv, :], q.shape[-3]) for t in kv)
-    scores, _ = _scores(q[..., rows, :], k, block.bias, block.diagonal, scale, softcap)
-    probs = torch.exp(scores - lse[..., rows].unsqueeze(-1)).nan_to_num(0.0)
-    dout = grad_out[..., rows, :].float()
-    delta = (dout * out[..., rows, :].float()).sum(-1, keepdim=True)
-    return probs * (dout @ v.float().transpose(-1, -2) - delta)
+) -> None:
+    """Add the gradient of a whole-block mask ``block``'s bias to ``acc`` (fp32, the mask's
+    shape), in place: the scores' gradient ``P * (dO @ V^T - rowsum(dO * O))`` (the bias is
+    added after scaling and soft-capping) from the global ``out`` and ``lse``, summed over
+    the dimensions the mask broadcasts; ``MATH_ROWS`` query rows at a time."""
+    k, v = (repeat_heads(t, q.shape[-3]) for t in kv)
+    for first in range(0, q.shape[-2], MATH_ROWS):
+        rows = slice(first, first + MATH_ROWS)
+        qr = q[..., rows, :]
+        scores, _ = _math_scores(qr, k, block.bias, block.diagonal, first, scale, softcap)
+        probs = torch.exp(scores - lse[..., rows].unsqueeze(-1)).nan_to_num(0.0)
+        dout = grad_out[..., rows, :].float()
+        delta = (dout * out[..., rows, :].float()).sum(-1, keepdim=True)
+        grad = probs * (dout @ v.float().transpose(-1, -2) - delta)
+        target = acc if acc.shape[-2] == 1 else acc[..., rows, :]
+        target += grad.sum_to_size(target.shape)
 
 
 @ring_attention_bwd.register_fake
@@ -302,7 +314,7 @@ def ring_attention(
     window: int = 0,
     documents: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
-    use_kernel: bool | None = None,
+    use_kernel: bool = True,
     balance: bool = True,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` on sequence-sharded ``[..., H, L, D]`` inputs, by
@@ -311,7 +323,6 @@ def ring_attention(
     ``valid`` a structured mask (Note [Structured masks]). Causal attention without a mask
     on even blocks is load-balanced unless ``balance`` is False (Note [Load balancing])."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    use_kernel = query.device.type == "cpu" if use_kernel is None else use_kernel
     rows, seq_dim = query.shape[-2], query.dim() - 2
     if mask is not None:
         pg = _group(group)
