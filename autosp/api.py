@@ -17,6 +17,7 @@ from autosp.compiler.backend import AutoSPBackend, TraceState
 from autosp.compiler.propagate import Plan
 from autosp.config import Config
 from autosp.errors import AutoSPError
+from autosp.integrations.transformers import install_output_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class SequenceParallel(nn.Module):
             for size in range(2, world):
                 if world % size == 0:
                     hybrid[size] = hybrid_groups(group, size)
+        install_output_hooks(module)
         backend = AutoSPBackend(group, config, self._state, hybrid)
         self._compiled = torch.compile(module, backend=backend, fullgraph=True)
         self._grad_sync = GradSync(module, group, config.bucket_mb) if config.sync_grads else None

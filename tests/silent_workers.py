@@ -28,7 +28,8 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 class CrossAttentionLM(nn.Module):
     """Causal self-attention, then cross-attention to keys/values that are not sequence-long:
-    ``latents`` learned ones, or the ``memory`` input (an encoder's states)."""
+    ``latents`` learned ones (``latents`` > 0), or the ``memory`` input (an encoder's
+    states)."""
 
     def __init__(self, dim: int = 32, heads: int = 2, latents: int = 5) -> None:
         super().__init__()
@@ -36,7 +37,7 @@ class CrossAttentionLM(nn.Module):
         self.tok = nn.Embedding(VOCAB, dim)
         self.pos = nn.Embedding(64, dim)
         self.block = PlainBlock(dim, heads)
-        self.latents = nn.Parameter(torch.randn(latents, dim))
+        self.latents = nn.Parameter(torch.randn(latents, dim)) if latents else None
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -50,7 +51,7 @@ class CrossAttentionLM(nn.Module):
     ) -> dict:
         b, s = input_ids.shape
         x = self.block(self.tok(input_ids) + self.pos(torch.arange(s)))
-        context = self.latents.expand(b, -1, -1) if memory is None else memory
+        context = memory if self.latents is None else self.latents.expand(b, -1, -1)
         k, v = (_heads(t, self.heads) for t in self.kv(context).chunk(2, dim=-1))
         out = F.scaled_dot_product_attention(_heads(self.q(x), self.heads), k, v)
         x = x + self.proj(out.transpose(1, 2).reshape(b, s, -1))

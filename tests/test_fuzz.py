@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from tests.fuzz import (
+    SIMPLEST,
     FuzzLM,
     Spec,
     draw_specs,
@@ -17,6 +18,7 @@ from tests.fuzz import (
     run_specs,
     summary,
 )
+from tests.fuzz import _simpler as simpler
 
 CI_SEED = 0
 CI_EXAMPLES = 16  # about 3 minutes on 2 CPU cores
@@ -49,3 +51,13 @@ def test_spec_checks_its_fields() -> None:
         assert "kv_heads must divide heads" in str(err)
     else:
         raise AssertionError("Spec accepted kv_heads=3 with heads=4")
+
+
+def test_shrink_steps_are_simpler() -> None:
+    """Each shrink candidate is a valid spec one field closer to SIMPLEST (fewer features)."""
+    for spec in draw_specs(8, CI_SEED):
+        for candidate in simpler(spec):
+            changed = [f for f in vars(spec) if getattr(spec, f) != getattr(candidate, f)]
+            assert 1 <= len(changed) <= 2, changed  # heads moves kv_heads with it
+            assert candidate != spec and candidate.world <= spec.world
+    assert all(c.heads < SIMPLEST.heads for c in simpler(SIMPLEST))  # only fewer heads left

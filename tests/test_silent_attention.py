@@ -30,8 +30,9 @@ def _assert_parity(per_rank: list[list[dict]], gathered: list[str] | None = None
 def test_cross_attention_keys_not_sequence_long(attention: str, extra: str | None) -> None:
     """Keys/values of learned latents or of encoder states (7 rows) stay whole: each rank's
     queries attend to all of them."""
+    kwargs = {"latents": 0 if extra else 5}
     per_rank = run_ranks(
-        2, silent_parity, "CrossAttentionLM", {}, {"attention": attention}, [(2, 13)], extra
+        2, silent_parity, "CrossAttentionLM", kwargs, {"attention": attention}, [(2, 13)], extra
     )
     _assert_parity(per_rank, [])
 

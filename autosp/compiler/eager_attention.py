@@ -109,6 +109,47 @@ def _softmax_dim_is_last(node: Node) -> bool:
     return isinstance(dim, int) and dim % meta(node).dim() == meta(node).dim() - 1
 
 
+def _without_max_shift(node: Node) -> Node:
+    """``x`` if ``node`` is ``x - x.max(-1, keepdim=True).values`` (softmax ignores it)."""
+    if op_name(node) != "sub" or not isinstance(node.args[1], Node):
+        return node
+    shift = node.args[1]
+    if op_name(shift) == "getitem" and shift.args[1] == 0:
+        shift = shift.args[0]
+    if op_name(shift) in ("max", "amax") and shift.args and shift.args[0] is node.args[0]:
+        return node.args[0]
+    return node
+
+
+def _match_sinks(node: Node) -> tuple[Node, Node | None, Node | None]:
+    """(softmax, scores, sinks) if ``node`` is ``softmax(cat([scores, sinks], -1))[..., :-1]``
+    with ``sinks`` one logit per head (``[..., heads, 1, 1]`` once its expand is undone);
+    else (node, None, None)."""
+    container, index = node.args
+    items = index if isinstance(index, tuple) else (index,)
+    if not isinstance(container, Node) or items[-1] != slice(None, -1, None):
+        return node, None, None
+    if any(i is not Ellipsis and i != slice(None) for i in items[:-1]):
+        return node, None, None
+    softmax = _skip_casts(container)
+    if op_name(softmax) != "softmax":
+        return node, None, None
+    joined = _without_max_shift(_skip_casts(softmax.args[0]))
+    if op_name(joined) != "cat" or not isinstance(joined.args[0], (list, tuple)):
+        return node, None, None
+    dim = joined.kwargs.get("dim", joined.args[1] if len(joined.args) > 1 else 0)
+    pieces = joined.args[0]
+    if len(pieces) != 2 or dim % meta(joined).dim() != meta(joined).dim() - 1:
+        return node, None, None
+    scores, sinks = pieces
+    while op_name(sinks) in ("expand", "expand_as", "broadcast_to"):
+        sinks = sinks.args[0]
+    shape = meta(sinks).shape
+    if meta(sinks).dim() < 3 or any(isinstance(s, torch.SymInt) or s != 1 for s in shape[-2:]):
+        return node, None, None
+    return softmax, scores, sinks
+
+
 def fuse_eager_attention_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
     """Replace written-out attention chains by ``scaled_dot_product_attention``."""
     fused = 0
@@ -125,9 +166,12 @@ def fuse_eager_attention_pass(gm: GraphModule, ctx: CompileContext) -> GraphModu
             dropout_p = probs.kwargs.get("p", probs.args[1] if len(probs.args) > 1 else 0.5)
             dropout_p = dropout_p if training else 0.0
             probs = _skip_casts(probs.args[0])
+        sinks, logits = None, None
+        if op_name(probs) == "getitem":
+            probs, logits, sinks = _match_sinks(probs)
         if op_name(probs) != "softmax" or not _softmax_dim_is_last(probs):
             continue
-        match = _match_scores(probs.args[0])
+        match = _match_scores(logits if sinks is not None else probs.args[0])
         if match is None:
             continue
         query, key, scale, mask, softcap = match
@@ -135,8 +179,10 @@ def fuse_eager_attention_pass(gm: GraphModule, ctx: CompileContext) -> GraphModu
             continue
         kwargs = {"attn_mask": mask, "dropout_p": dropout_p, "scale": scale}
         target = F.scaled_dot_product_attention
-        if softcap:
+        if softcap or sinks is not None:
             target, kwargs["softcap"] = softcapped_attention, softcap
+        if sinks is not None:
+            kwargs["sinks"] = sinks
         with gm.graph.inserting_before(node):
             sdpa = gm.graph.call_function(target, (query, key, value), kwargs)
         sdpa.meta["example_value"] = meta(node)

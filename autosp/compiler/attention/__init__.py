@@ -40,9 +40,10 @@ def sdpa_signature(
     scale: float | None = None,
     enable_gqa: bool = False,
     softcap: float = 0.0,
+    sinks: Any = None,
 ) -> None:
     """The signature of ``F.scaled_dot_product_attention`` (a builtin without one), plus the
-    ``softcap`` of ``softcapped_attention``."""
+    ``softcap`` and ``sinks`` of ``softcapped_attention``."""
 
 
 def kv_repeat(heads: int, kv_heads: int, world: int) -> int:
@@ -139,14 +140,17 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
         )
     if not _is_sequence(sp, query, q_meta.dim() - 2):
         raise UnsupportedOp("the query rows are not the sequence")
+    sinks = args["sinks"]
     if not all(_is_sequence(sp, t, meta(t).dim() - 2) for t in (key, args["value"])):
+        if sinks is not None:
+            raise UnsupportedOp("attention sinks with keys that are not the sequence")
         _shard_local(sp, node, args)
         return
     heads, kv_heads = hint(q_meta.shape[-3]), hint(k_meta.shape[-3])
     mask, is_causal = args["attn_mask"], args["is_causal"]
     recognised = sp.mask_overrides.get(node.name)
-    if isinstance(recognised, MaskSpec) and args["dropout_p"]:
-        recognised = None  # the blockwise kernels have no dropout: keep the model's mask
+    if isinstance(recognised, MaskSpec) and (args["dropout_p"] or sinks is not None):
+        recognised = None  # the blockwise kernels have no dropout or sinks: keep the mask
     structure: dict[str, Any] = {}
     if isinstance(recognised, MaskSpec):
         mask, is_causal = None, recognised.causal
@@ -156,6 +160,8 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
     strategy = choose_strategy(sp.attention, heads, world, sorted(sp.group.hybrid))
     if strategy in ("ring", "hybrid") and args["dropout_p"]:
         raise UnsupportedOp(f"{strategy} attention with dropout")
+    if strategy in ("ring", "hybrid") and sinks is not None:
+        raise UnsupportedOp(f"{strategy} attention with sinks")
     if mask is not None:
         mask = sp.replicate(mask)
     seq_dim = q_meta.dim() - 2
@@ -206,6 +212,7 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
             group=sp.name,
             kv_repeat=repeat,
             softcap=args["softcap"],
+            sinks=None if sinks is None else sp.replicate(sinks),
             **structure,
         )
         detail = f"{heads} heads, {kv_heads} kv heads"
@@ -213,6 +220,8 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
             detail += f" (each kv head sent to {repeat} ranks)"
     if args["softcap"]:
         detail += f", soft-cap {args['softcap']:g}"
+    if sinks is not None:
+        detail += ", sinks"
     sp.env[node] = out
     sp.placements[node] = Shard(seq_dim)
     mask_kind = "causal" if is_causal else ("dense mask" if mask is not None else "no mask")

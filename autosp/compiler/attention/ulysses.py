@@ -74,6 +74,7 @@ def ulysses_attention(
     group: str,
     kv_repeat: int = 1,
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
     window: int = 0,
     documents: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
@@ -83,7 +84,8 @@ def ulysses_attention(
     ``kv_repeat`` > 1 repeats each key/value head so that their count divides ``world``
     (fewer key/value heads than ranks); the backward sums the copies' gradients. ``window``,
     ``documents`` and ``valid`` give a structured mask (Note [Structured masks]), computed
-    blockwise (Note [Blockwise attention]).
+    blockwise (Note [Blockwise attention]). ``sinks`` (``[..., H, 1, 1]``, one logit per
+    head joined to each softmax row): this rank takes its heads' sinks.
     """
     head_dim, seq_dim = query.dim() - 3, query.dim() - 2
     if kv_repeat > 1:
@@ -107,9 +109,13 @@ def ulysses_attention(
     padded = q.shape[seq_dim]
     mask = _attention_mask(attn_mask, seq_len, padded, rank * heads, heads, is_causal, q.device)
     kernel = F.scaled_dot_product_attention
-    if softcap or dropout_p:
+    if sinks is not None and sinks.shape[-3] > 1:
+        sinks = sinks.narrow(-3, rank * heads, heads)
+    if softcap or dropout_p or sinks is not None:
         dropout = functools.partial(rank_dropout, rank=rank)
-        kernel = functools.partial(softcapped_attention, softcap=softcap, dropout=dropout)
+        kernel = functools.partial(
+            softcapped_attention, softcap=softcap, dropout=dropout, sinks=sinks
+        )
     out = kernel(
         q,
         k,
