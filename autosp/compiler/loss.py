@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from autosp.comm import ops
+from autosp.compiler import runtime
 from autosp.compiler.args import bind_defaults
 from autosp.compiler.context import CompileContext
 from autosp.compiler.find_sequence import input_name
@@ -26,6 +27,48 @@ from autosp.compiler.ops_table import meta, op_name
 from autosp.compiler.placement import Partial, Replicate, Shard
 from autosp.compiler.propagate import ShardingPass, UnsupportedOp, rule
 from autosp.errors import AutoSPError
+
+Rows = tuple[int, int, int, int, int, int]
+"""Where the padding rows of a per-token loss are: ``(dim, seq_len, rank, world, inner,
+length)``, as ``runtime.row_mask`` takes them."""
+
+
+def token_losses(
+    loss_fn_name: str,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    rows: Rows | None = None,
+) -> torch.Tensor:
+    """This rank's per-token losses, zero on padding rows. Padding rows of class-index labels
+    hold ``ignore_index``; probability targets (soft labels) have no such value, so ``rows``
+    locates their padding."""
+    if loss_fn_name == "cross_entropy":
+        losses = F.cross_entropy(
+            logits,
+            target,
+            ignore_index=ignore_index,
+            reduction="none",
+            label_smoothing=label_smoothing,
+        )
+    else:
+        losses = F.nll_loss(logits, target, ignore_index=ignore_index, reduction="none")
+    if rows is not None:
+        losses = torch.where(runtime.row_mask(losses, *rows), losses, 0.0)
+    return losses
+
+
+def sum_loss(
+    loss_fn_name: str,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    rows: Rows | None = None,
+) -> torch.Tensor:
+    """This rank's term of a ``reduction="sum"`` loss."""
+    return token_losses(loss_fn_name, logits, target, ignore_index, label_smoothing, rows).sum()
 
 
 def mean_loss(
@@ -35,21 +78,19 @@ def mean_loss(
     ignore_index: int,
     label_smoothing: float,
     group: str,
+    rows: Rows | None = None,
 ) -> torch.Tensor:
-    """The token-mean loss of the whole sequence from this rank's rows."""
-    if loss_fn_name == "cross_entropy":
-        total = F.cross_entropy(
-            logits,
-            target,
-            ignore_index=ignore_index,
-            reduction="sum",
-            label_smoothing=label_smoothing,
-        )
+    """The token-mean loss of the whole sequence from this rank's rows. The sum and the count
+    cross ranks in fp64 (a bf16 count is inexact past 256 tokens) and the mean is rounded
+    once, to the logits' dtype. The count is of labels other than ``ignore_index``, or for
+    probability targets of the rows (``rows``), as ``F.cross_entropy`` divides."""
+    losses = token_losses(loss_fn_name, logits, target, ignore_index, label_smoothing, rows)
+    if rows is None:
+        count = (target != ignore_index).sum()
     else:
-        total = F.nll_loss(logits, target, ignore_index=ignore_index, reduction="sum")
-    count = (target != ignore_index).sum().to(total.dtype)
-    both = ops.all_reduce_loss(torch.stack([total, count]), group)
-    return both[0] / both[1]
+        count = runtime.row_mask(losses, *rows).expand(losses.shape).sum()
+    both = ops.all_reduce_loss(torch.stack([losses.double().sum(), count.double()]), group)
+    return (both[0] / both[1]).to(logits.dtype)
 
 
 @rule("cross_entropy", "nll_loss")
@@ -69,28 +110,32 @@ def shard_loss(sp: ShardingPass, node: Node) -> None:
     ndim = meta(logits).dim()
     if ndim < 2 or placement.dim == 1:
         raise UnsupportedOp("the sequence is the class dimension")
-    target_dim = 0 if placement.dim == 0 else placement.dim - 1
+    soft = meta(target).is_floating_point()
+    target_dim = placement.dim if soft or placement.dim == 0 else placement.dim - 1
     target_dims = [d for d in sp.seq_dims(target) if d.dim == target_dim]
     if not target_dims or target_dims[0].length != placement.length:
         raise UnsupportedOp("the labels are not aligned with the logits")
     ignore_index = args["ignore_index"]
     target_placement = Shard(target_dim, placement.inner, placement.length)
-    local_target = sp.shard(target, target_placement, pad_value=ignore_index)
+    local_target = sp.shard(target, target_placement, pad_value=0.0 if soft else ignore_index)
     smoothing = args.get("label_smoothing", 0.0)
     reduction = args["reduction"]
+    loss_dim = 0 if placement.dim == 0 else placement.dim - 1
+    rows = (
+        (loss_dim, sp.seq_len, sp.group.rank, sp.group.world, placement.inner, placement.length)
+        if soft
+        else None
+    )
+    local = (name, sp.env[logits], local_target, ignore_index, smoothing)
     if reduction == "mean":
-        out = sp.call(
-            mean_loss, name, sp.env[logits], local_target, ignore_index, smoothing, sp.name
-        )
-        sp.env[node] = out
+        sp.env[node] = sp.call(mean_loss, *local, sp.name, rows)
         sp.placements[node] = Replicate(loss_grad=True)
+    elif reduction == "sum":
+        sp.env[node] = sp.call(sum_loss, *local, rows)
+        sp.placements[node] = Partial()
     else:
-        kwargs = {"ignore_index": ignore_index, "reduction": reduction}
-        if name == "cross_entropy":
-            kwargs["label_smoothing"] = smoothing
-        out = sp.call(fn, sp.env[logits], local_target, **kwargs)
-        sp.env[node] = out
-        sp.placements[node] = Partial() if reduction == "sum" else target_placement
+        sp.env[node] = sp.call(token_losses, *local, rows)
+        sp.placements[node] = Shard(loss_dim, placement.inner, placement.length)
     sp.plan.loss.append(f"{node.name}: {name} (reduction={reduction}) over sharded tokens")
 
 

@@ -26,6 +26,10 @@ POINTWISE = frozenset(
 )
 """Elementwise with broadcasting: rows never mix."""
 
+IN_PLACE_POINTWISE = frozenset({f"{name}_" for name in POINTWISE} | {"copy_", "zero_", "fill_"})
+"""In-place elementwise methods (``x.mul_(y)``): elementwise, writing their first argument
+(Note [In-place ops] in ``mutation.py``)."""
+
 LAYOUT = frozenset(
     """
     view reshape transpose permute unsqueeze squeeze flatten unflatten movedim expand

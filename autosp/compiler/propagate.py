@@ -33,6 +33,8 @@ from torch.utils import _pytree as pytree
 import autosp.comm.ops  # noqa: F401 - registers the torch.ops.autosp collectives
 from autosp.compiler import runtime
 from autosp.compiler.context import CompileContext, GroupInfo
+from autosp.compiler.find_sequence import is_user_input
+from autosp.compiler.mutation import Aliases, settle_writes, writes_in_place
 from autosp.compiler.ops_table import ATTENTION, meta, op_name
 from autosp.compiler.placement import REPLICATE, Local, Partial, Placement, Replicate, Shard
 from autosp.compiler.seqdims import SeqDim, seq_dims
@@ -73,12 +75,14 @@ class BagEscape(Exception):
 
 
 def is_param(node: Any) -> bool:
+    """A parameter of the module (a differentiable input of the caller's is a token tensor)."""
     value = meta(node)
     return isinstance(value, torch.nn.Parameter) or (
         isinstance(node, Node)
         and node.op == "placeholder"
         and isinstance(value, torch.Tensor)
         and value.requires_grad
+        and not is_user_input(node)
     )
 
 
@@ -101,7 +105,8 @@ class ShardingPass:
         """Nodes that may not make token bags (their bag escaped on an earlier try)."""
         self.facts: dict[Node, Any] = {}
         """What rules proved about the values of a node beyond its placement (``routing``'s
-        row indices)."""
+        row indices); a fact whose ``bag`` is set makes the values depend on that bag's
+        rank-local order."""
         self.attention = attention
         self.load_balance = load_balance
         self.mask_overrides = mask_overrides or {}
@@ -112,19 +117,23 @@ class ShardingPass:
         self.env: dict[Node, Any] = {}
         self.placements: dict[Node, Any] = {}
         self._converted: dict[tuple[Node, Placement, Any], Node] = {}
+        self.inputs: dict[Node, Node] = {}
+        """The rank-local placeholder of each graph input (``env`` may hold a wrapper)."""
         self.seq_len: Node | None = None
         self._block_len: Node | None = None
         self.plan = Plan()
 
     # ------------------------------------------------------------------ entry point
     def run(self) -> tuple[GraphModule, Plan]:
+        aliases = Aliases(list(self.gm.graph.nodes))
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
-                self.env[node] = self.graph.node_copy(node, lambda n: self.env[n])
+                self.inputs[node] = self.graph.node_copy(node, lambda n: self.env[n])
+                self.env[node] = self._input(node)
                 self.placements[node] = REPLICATE
                 if node.name == self.seq_source[0]:
                     self.seq_len = self.graph.call_method(
-                        "size", (self.env[node], self.seq_source[1])
+                        "size", (self.inputs[node], self.seq_source[1])
                     )
             elif node.op == "output":
                 self._output(node)
@@ -133,9 +142,27 @@ class ShardingPass:
                 self.placements[node] = REPLICATE
             else:
                 apply_rule(self, node)
-        self.graph.eliminate_dead_code()
+                settle_writes(self, node, aliases)
+        self.graph.eliminate_dead_code(is_impure_node=writes_in_place)
         self.graph.lint()
         return GraphModule(self.gm, self.graph), self.plan
+
+    def _input(self, node: Node) -> Node:
+        """A graph input as the rank-local graph uses it. A differentiable input of the
+        caller's (``inputs_embeds=outer(ids)``) is replicated, so each rank's gradient for it
+        is partial (only its rows); ``sum_grad`` makes it whole on every rank, so the caller's
+        own parameters get their full gradient. Parameters of the module are summed by
+        ``GradSync`` instead."""
+        local = self.inputs[node]
+        value = meta(node)
+        if (
+            is_user_input(node)
+            and isinstance(value, torch.Tensor)
+            and value.requires_grad
+            and value.dtype.is_floating_point
+        ):
+            return self.call(torch.ops.autosp.sum_grad.default, local, self.name)
+        return local
 
     # ------------------------------------------------------------------ helpers for rules
     def placement(self, arg: Any) -> Any:
@@ -182,10 +209,19 @@ class ShardingPass:
         """The whole value of an argument (gathering or reducing it if needed)."""
         return map_arg(arg, self._replicate_node)
 
+    def bag_of(self, node: Node) -> str | None:
+        """The token bag whose rank-local order ``node``'s values depend on, if any."""
+        placement = self.placement(node)
+        for p in placement if isinstance(placement, tuple) else (placement,):
+            if isinstance(p, Local):
+                return p.bag
+        return getattr(self.facts.get(node), "bag", None)
+
     def _replicate_node(self, node: Node) -> Node:
         placement = self.placement(node)
-        if isinstance(placement, Local):
-            raise BagEscape(placement.bag, node)
+        bag = self.bag_of(node)
+        if bag is not None:
+            raise BagEscape(bag, node)
         if isinstance(placement, Replicate):
             return self.env[node]
         if isinstance(placement, tuple):
@@ -265,6 +301,9 @@ class ShardingPass:
     def _output_value(self, index: int, value: Any) -> Any:
         if not isinstance(value, Node):
             return value
+        bag = self.bag_of(value)
+        if bag is not None:
+            raise BagEscape(bag, value)
         placement = self.placement(value)
         local = self.env[value]
         value_meta = meta(value)
@@ -380,13 +419,7 @@ def local_rule(*names: str) -> Callable[[Rule], Rule]:
 
 
 def _bags_of(sp: ShardingPass, node: Node) -> list[str]:
-    found = []
-    for arg in tensor_args(node):
-        placement = sp.placement(arg)
-        for p in placement if isinstance(placement, tuple) else (placement,):
-            if isinstance(p, Local):
-                found.append(p.bag)
-    return found
+    return [bag for arg in tensor_args(node) if (bag := sp.bag_of(arg)) is not None]
 
 
 LOSS = Replicate(loss_grad=True)

@@ -74,6 +74,11 @@ class RowIndex:
     rows: Shard | None = None
     """The placement of the rows pointed into, when the indices came from sorting them."""
 
+    @property
+    def bag(self) -> str | None:
+        """The bag pointed into (its rank-local order gives the values meaning)."""
+        return self.layout[1] if self.layout[0] == "bag" else None
+
 
 def _layout(placement: Shard | Local, size: Any = None) -> tuple:
     """What identifies the rows an index points into: a bag, or a sharded dim 0 by its inner
@@ -85,16 +90,8 @@ def _layout(placement: Shard | Local, size: Any = None) -> tuple:
 
 
 def _escape(sp: ShardingPass, node: Node) -> BagEscape:
-    bags = [p.bag for p in _placements(sp, node) if isinstance(p, Local)]
+    bags = [bag for arg in tensor_args(node) if (bag := sp.bag_of(arg)) is not None]
     return BagEscape(bags[0], node)
-
-
-def _placements(sp: ShardingPass, node: Node) -> list[Any]:
-    found = []
-    for arg in tensor_args(node):
-        placement = sp.placement(arg)
-        found.extend(placement if isinstance(placement, tuple) else (placement,))
-    return found
 
 
 def _size_expr(value: torch.Tensor, dim: int) -> sympy.Expr:

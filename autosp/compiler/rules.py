@@ -21,6 +21,7 @@ from autosp.compiler import runtime
 from autosp.compiler.args import arguments
 from autosp.compiler.ops_table import (
     FACTORY,
+    IN_PLACE_POINTWISE,
     LAYOUT,
     POINTWISE,
     REDUCE_DIM,
@@ -413,8 +414,15 @@ def rowwise_first_arg(sp: ShardingPass, node: Node) -> None:
     _emit_local(sp, node, placement)
 
 
-MATMUL_OPERANDS = (("mat1", "mat2"), ("batch1", "batch2"), ("input", "other"), ("input", "mat2"))
-"""The names of the two factors: addmm/baddbmm (whose ``input`` is the bias), matmul, mm/bmm."""
+MATMUL_OPERANDS = (
+    ("mat1", "mat2"),
+    ("batch1", "batch2"),
+    ("input", "other"),
+    ("input", "mat2"),
+    ("a", "b"),
+)
+"""The names of the two factors: addmm/baddbmm (whose ``input`` is the bias), matmul, mm/bmm,
+and ``operator.matmul`` (``a @ b``)."""
 
 
 @rule("matmul", "mm", "bmm", "addmm", "baddbmm")
@@ -422,9 +430,10 @@ def matmul(sp: ShardingPass, node: Node) -> None:
     """Products whose sequence rows belong to the left operand only."""
     source, placement = _single_shard(sp, node)
     found = _args(node)
-    left, right = next(
-        (found[a], found[b]) for a, b in MATMUL_OPERANDS if a in found and b in found
-    )
+    pairs = [(found[a], found[b]) for a, b in MATMUL_OPERANDS if a in found and b in found]
+    if not pairs:
+        raise UnsupportedOp("unexpected operands")
+    left, right = pairs[0]
     if source is not left:
         raise UnsupportedOp("the sequence is in the right operand (attention scores?)")
     if sp.seq_dims(right):
@@ -480,6 +489,65 @@ def getitem(sp: ShardingPass, node: Node) -> None:
         raise UnsupportedOp("unexpected output length")
     target = Shard(out_dim.dim, placement.inner, out_dim.length)
     sp.emit(node, (sp.env[source], tuple(sp.local(expanded))), {}, target)
+
+
+@rule("setitem")
+def setitem(sp: ShardingPass, node: Node) -> None:
+    """``x[index] = value`` on a sharded ``x`` (Note [In-place ops]): each rank writes its own
+    rows when the index takes the whole sequence (``x[:, :, :4] = 0``); a sequence-shaped
+    value is sliced like the rows it fills."""
+    target, index, value = node.args
+    placement = sp.placement(target)
+    if not isinstance(placement, Shard) or placement.merged:
+        raise UnsupportedOp("assignment into a value that is not sharded along the sequence")
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(isinstance(i, Node) and isinstance(meta(i), torch.Tensor) for i in items):
+        raise UnsupportedOp("assignment through advanced indexing")
+    ndim = meta(target).dim()
+    consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+    expanded: list[Any] = []
+    for item in items:
+        expanded.extend([slice(None)] * (ndim - consumed) if item is Ellipsis else [item])
+    in_dim = view_dim = 0
+    seq_view_dim = None
+    for item in expanded:
+        if item is None:
+            view_dim += 1
+            continue
+        if in_dim == placement.dim:
+            if item != slice(None):
+                raise UnsupportedOp("assignment into part of the sequence")
+            seq_view_dim = view_dim
+        view_dim += isinstance(item, slice)
+        in_dim += 1
+    view_ndim = view_dim + ndim - in_dim
+    if seq_view_dim is None:
+        seq_view_dim = view_dim + placement.dim - in_dim
+    local_value = _assigned_value(sp, value, seq_view_dim, view_ndim, placement)
+    sp.emit(node, (sp.env[target], tuple(sp.local(expanded)), local_value), {}, REPLICATE)
+
+
+def _assigned_value(
+    sp: ShardingPass, value: Any, seq_dim: int, view_ndim: int, placement: Shard
+) -> Any:
+    """The local value to assign into rows held as ``placement``, whose sequence is dim
+    ``seq_dim`` of the indexed view (``view_ndim`` dims); ``value`` broadcasts to that view."""
+    if not (isinstance(value, Node) and isinstance(meta(value), torch.Tensor)):
+        return sp.local(value)
+    value_meta = meta(value)
+    dim = seq_dim - (view_ndim - value_meta.dim())
+    value_placement = sp.placement(value)
+    if dim < 0 or hint(value_meta.shape[dim]) == 1:
+        if not isinstance(value_placement, Replicate):
+            raise UnsupportedOp("a distributed value broadcast over the sequence")
+        return sp.env[value]
+    want = Shard(dim, 0, placement.length)
+    if value_placement == want:
+        return sp.env[value]
+    dims = [d for d in sp.seq_dims(value) if d.dim == dim and d.length == placement.length]
+    if not isinstance(value_placement, Replicate) or not dims:
+        raise UnsupportedOp("the assigned value is not aligned with the rows it fills")
+    return sp.shard(value, want)
 
 
 def _output_seq_dim_any_length(sp: ShardingPass, node: Node, placement: Shard) -> SeqDim:
@@ -571,7 +639,7 @@ def factory(sp: ShardingPass, node: Node) -> None:
 
 
 rule(*SIZE_OPS)(_size)
-rule(*POINTWISE, default=True)(pointwise)
+rule(*POINTWISE, *IN_PLACE_POINTWISE, default=True)(pointwise)
 rule(*LAYOUT, default=True)(layout)
 rule(*REDUCE_DIM, default=True)(reduce_dim)
 rule(*FACTORY, default=True)(factory)

@@ -327,6 +327,8 @@ def ring_attention(
     if mask is not None:
         pg = _group(group)
         rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+        if mask.dim() < query.dim():  # the kernels take 4-D masks; SDPA broadcasts any
+            mask = mask.view((1,) * (query.dim() - mask.dim()) + tuple(mask.shape))
         mask = runtime.mask_rows(mask, seq_len, rank * rows, rows, world * rows)
     structured = structure_of(window, documents, valid) is not None
     zigzag = balance and is_causal and mask is None and not structured and rows % 2 == 0
