@@ -146,9 +146,7 @@ class PrefixLM(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.head = nn.Linear(dim, VOCAB)
 
-    def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, prefix: torch.Tensor
-    ) -> dict:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, prefix: torch.Tensor) -> dict:
         b, s = input_ids.shape
         x = self.tok(input_ids)
         q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
@@ -253,9 +251,7 @@ def attention_dropout_check(batch: int, seq: int, heads: int, options: dict[str,
     """Attention dropout: whether the heads' masks are equal (they are independent in one
     process), the fraction kept, and whether the ranks' generators stay in step."""
     torch.manual_seed(0)
-    parallel = autosp.parallelize(
-        AttentionDropoutProbe(heads), backend="aot_eager", **options
-    )
+    parallel = autosp.parallelize(AttentionDropoutProbe(heads), backend="aot_eager", **options)
     ids, labels = make_batch(batch, seq, seed=seq)
     out = parallel(input_ids=ids, labels=labels)
     out["loss"].backward()

@@ -117,7 +117,7 @@ EXACT = [
 
 GATHERED = {
     "setitem_tokens": "setitem",
-    "cumsum_": "cumsum",
+    "cumsum_": "cumsum_",
     "gathered_then_mutated": "cumsum",
 }
 """Patterns that gather (exact, with a warning naming this op)."""

@@ -145,6 +145,8 @@ def require_loss_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
     if not ctx.labels_given:
         return gm
     labels = [p for p in gm.graph.find_nodes(op="placeholder") if input_name(p) == "labels"]
+    if not labels:
+        return gm  # no placeholder of its own: the labels are another input (labels=input_ids)
     reached = set(labels)
     for node in gm.graph.nodes:
         if node.op != "placeholder" and any(a in reached for a in node.all_input_nodes):

@@ -24,7 +24,10 @@ result is unused (``keep_writes``; FX's dead-code elimination would drop ``x.mul
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -87,15 +90,37 @@ def _writes_first(node: Node) -> bool:
         return name.endswith("_") and not name.startswith("__") and name not in NOT_WRITES
     if node.op != "call_function":
         return False
-    if node.target in IN_PLACE_OPERATORS or node.kwargs.get("inplace") is True:
+    target = node.target
+    if target in IN_PLACE_OPERATORS or _inplace_flag(node):
         return True
-    if isinstance(node.target, torch._ops.OpOverload):
-        schema = node.target._schema
-        return bool(schema.arguments) and bool(
-            schema.arguments[0].alias_info and schema.arguments[0].alias_info.is_write
-        )
-    name = _name(node.target)
+    if isinstance(target, torch._ops.OpOverload):
+        first = target._schema.arguments[:1]
+        return bool(first and first[0].alias_info and first[0].alias_info.is_write)
+    if getattr(target, "__module__", None) in ("_operator", "operator"):
+        return False  # operator.and_, operator.not_: not in-place
+    name = _name(target)
     return name.endswith("_") and not name.startswith("_") and name not in NOT_WRITES
+
+
+@functools.cache
+def _inplace_position(target: Callable[..., Any]) -> int | None:
+    """The position of a Python function's ``inplace`` parameter (``F.relu``), if any."""
+    try:
+        names = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("inplace") if "inplace" in names else None
+
+
+def _inplace_flag(node: Node) -> bool:
+    """``F.relu(x, inplace=True)`` or ``F.relu(x, True)``."""
+    if "inplace" in node.kwargs:
+        return node.kwargs["inplace"] is True
+    try:
+        position = _inplace_position(node.target)
+    except TypeError:  # an unhashable target
+        return False
+    return position is not None and len(node.args) > position and node.args[position] is True
 
 
 def written_paths(node: Node) -> list[Path]:
