@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
 
-from autosp.comm.faults import input_check
+from autosp.comm.faults import InputCheck, host_channel_for
 from autosp.comm.grad_sync import GradSync
 from autosp.compiler.attention.hybrid import hybrid_groups
 from autosp.compiler.backend import AutoSPBackend, TraceState
@@ -70,8 +70,13 @@ class SequenceParallel(nn.Module):
         install_output_hooks(module)
         backend = AutoSPBackend(group, config, self._state, hybrid)
         self._compiled = torch.compile(module, backend=backend, fullgraph=True)
-        self._grad_sync = GradSync(module, group, config.bucket_mb) if config.sync_grads else None
-        self._input_check = input_check(group) if config.check_inputs else None
+        channel = host_channel_for(group) if config.sync_grads or config.check_inputs else None
+        self._grad_sync = (
+            GradSync(module, group, config.bucket_mb, channel) if config.sync_grads else None
+        )
+        self._input_check = (
+            InputCheck(group, channel) if config.check_inputs and channel is not None else None
+        )
 
     @property
     def plans(self) -> list[Plan]:
@@ -81,7 +86,7 @@ class SequenceParallel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         refuse_ddp_around(self.group, self.config)
         self._state.seq_len = mark_sequence(args, kwargs)
-        self._state.labels_given = kwargs.get("labels") is not None
+        self._state.label_inputs = label_inputs(args, kwargs)
         if self._input_check is not None:
             self._input_check(named_tensors(args, kwargs))
         try:
@@ -148,6 +153,16 @@ def refuse_ddp_around(group: dist.ProcessGroup, config: Config) -> None:
         "sequence-parallel groups, average the gradients over the data-parallel group after "
         "backward (dist.all_reduce(p.grad, op=ReduceOp.AVG, group=dp_group))."
     )
+
+
+def label_inputs(args: tuple, kwargs: dict) -> frozenset[str]:
+    """The names (as ``named_tensors`` gives them) under which the call passes its ``labels=``
+    tensor: ``labels``, and every other argument that is the same tensor (``labels=input_ids``
+    reaches the graph once, under one of the names); empty without labels."""
+    labels = kwargs.get("labels")
+    if labels is None:
+        return frozenset()
+    return frozenset(name for name, t in named_tensors(args, kwargs).items() if t is labels)
 
 
 def named_tensors(args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:

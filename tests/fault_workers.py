@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import autosp
-from autosp.comm.faults import InputCheck
+from autosp.comm.faults import InputCheck, host_channel
 from tests.models import build
 from tests.workers import make_batch
 
@@ -52,7 +52,7 @@ def check_agreement(cases: list[list[list[dict[str, Any]]]]) -> list[str | None]
     rank = dist.get_rank()
     messages: list[str | None] = []
     for case in cases:
-        check = InputCheck(dist.group.WORLD)
+        check = InputCheck(dist.group.WORLD, host_channel(dist.group.WORLD))
         try:
             for per_rank in case:
                 check(per_rank[rank])
@@ -66,7 +66,7 @@ def check_agreement(cases: list[list[list[dict[str, Any]]]]) -> list[str | None]
 def stall_check() -> tuple[str, str, float] | None:
     """Two input checks; rank 1 stops responding before the second. Returns rank 0's error
     type, message and seconds until it came."""
-    check = InputCheck(dist.group.WORLD)
+    check = InputCheck(dist.group.WORLD, host_channel(dist.group.WORLD))
     ids = torch.zeros(1, 8, dtype=torch.int64)
     check({"input_ids": ids})
     if dist.get_rank() == 1:

@@ -23,6 +23,16 @@ def _hf(config_cls: str, model_cls: str, **kwargs: object) -> Callable[[], nn.Mo
     return build
 
 
+def _nonzero_biases(model: nn.Module) -> nn.Module:
+    """``model`` with its zero-initialised biases drawn at random, so that a bias dropped from
+    the computation changes the loss (GptOss's expert biases start at zero)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and not p.any():
+                p.normal_(0.0, 0.1)
+    return model
+
+
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
 
 HF_FAMILIES: dict[str, Callable[[], nn.Module]] = {
@@ -485,7 +495,7 @@ class ScanGPT(PlainGPT):
 
 MIXER_FAMILIES: dict[str, Callable[[], nn.Module]] = {
     # Attention sinks: written out (GptOss, with experts) and in a plain model.
-    "gpt_oss": lambda: MOE_FAMILIES["gpt_oss"](False),
+    "gpt_oss": lambda: _nonzero_biases(MOE_FAMILIES["gpt_oss"](False)),
     "sink_gpt": SinkGPT,
     # Hybrid token mixers: short causal convolutions (LFM2) and a linear-attention scan.
     "lfm2": _hf(

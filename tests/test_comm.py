@@ -272,7 +272,7 @@ def _check_grad_sync(rec: _Recorder, rank: int, world: int, g: str) -> None:
     sum_1 = [sum(gs) for gs in zip(*per_rank_1, strict=True)]
     sum_2 = [sum(gs) for gs in zip(*per_rank_2, strict=True)]
 
-    sync = GradSync(model, group, bucket_mb=25)
+    sync = GradSync(model, group, bucket_mb=25, channel=group)
     with ops.count_collectives() as counts:
         model(first[rank]).square().sum().backward()
     rec.true(counts["grad_all_reduce"] == 1, f"one bucket expected, counted {dict(counts)}")
@@ -296,7 +296,7 @@ def _check_grad_sync(rec: _Recorder, rank: int, world: int, g: str) -> None:
     for bucket_bytes, buckets in ((1, 2), (100, 2), (120, 1), (119, 2)):
         sized = copy.deepcopy(model)
         sized.zero_grad(set_to_none=True)
-        sync = GradSync(sized, group, bucket_mb=bucket_bytes / 2**20)
+        sync = GradSync(sized, group, bucket_mb=bucket_bytes / 2**20, channel=group)
         with ops.count_collectives() as counts:
             sized(first[rank]).square().sum().backward()
         sync.remove()
@@ -311,13 +311,29 @@ def _check_grad_sync(rec: _Recorder, rank: int, world: int, g: str) -> None:
     mixed = nn.Module()
     mixed.a = nn.Parameter(torch.ones(5, 4, dtype=DT))
     mixed.b = nn.Parameter(torch.ones(5, 4, dtype=torch.float32))
-    sync = GradSync(mixed, group, bucket_mb=25)
+    sync = GradSync(mixed, group, bucket_mb=25, channel=group)
     with ops.count_collectives() as counts:
         ((mixed.a * first[rank]).sum() + (mixed.b * first[rank].float()).sum()).backward()
     sync.remove()
     rec.true(counts["grad_all_reduce"] == 2, f"mixed dtypes: {dict(counts)}")
     rec.close(mixed.a.grad, sum(first), "float64 param", **TIGHT)
     rec.close(mixed.b.grad, sum(first).float(), "float32 param", rtol=1e-6, atol=1e-6)
+
+    # Experts: `a` gets a gradient on rank 0 only, `b` on every rank, `c` on none. Every rank
+    # sums the same buckets (a mismatch would hang or mix tensors), `a` ends with rank 0's
+    # gradient everywhere, `c` keeps grad=None as in one process.
+    experts = nn.Module()
+    for name in "abc":
+        setattr(experts, name, nn.Parameter(torch.ones(5, 4, dtype=DT)))
+    sync = GradSync(experts, group, bucket_mb=25, channel=group)
+    loss = (experts.b * first[rank]).sum()
+    if rank == 0:
+        loss = loss + (experts.a * first[0]).sum()
+    loss.backward()
+    sync.remove()
+    rec.close(experts.a.grad, first[0], "a parameter used on rank 0 only", **TIGHT)
+    rec.close(experts.b.grad, sum(first), "a parameter used everywhere", **TIGHT)
+    rec.true(experts.c.grad is None, "a parameter used nowhere has a gradient")
 
 
 CHECKS: dict[str, Callable[[_Recorder, int, int, str], None]] = {

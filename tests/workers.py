@@ -30,9 +30,13 @@ are zero in exact arithmetic (a key bias under softmax) and only rounding noise 
 
 
 def grad_errors(model: torch.nn.Module, ref: torch.nn.Module) -> dict[str, float]:
-    """||g - g_ref|| / max(||g_ref||, GRAD_FLOOR) per parameter."""
+    """||g - g_ref|| / max(||g_ref||, GRAD_FLOOR) per parameter; infinite where one of the
+    two has a gradient and the other has none, 0 where neither has."""
     errors = {}
     for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        if p.grad is None or q.grad is None:
+            errors[name] = 0.0 if p.grad is None and q.grad is None else float("inf")
+            continue
         errors[name] = ((p.grad - q.grad).norm() / q.grad.norm().clamp(min=GRAD_FLOOR)).item()
     return errors
 

@@ -140,9 +140,10 @@ class InputCheck:
     """Checks on every call that the ranks of ``group`` got the same batch (Note [Input
     agreement]): shapes at once, contents one call late (the first call at once)."""
 
-    def __init__(self, group: dist.ProcessGroup) -> None:
+    def __init__(self, group: dist.ProcessGroup, channel: dist.ProcessGroup) -> None:
+        """``channel``: a gloo group over the ranks of ``group`` (``host_channel``)."""
         self.group = group
-        self.channel = host_channel(group)
+        self.channel = channel
         self.calls = 0
         self.pending: _Contents | None = None
 
@@ -171,12 +172,12 @@ class InputCheck:
         raise InputMismatchError(_mismatch(everyone))
 
 
-def input_check(group: dist.ProcessGroup) -> InputCheck | None:
-    """The input check of ``group``, or None where there is nothing to compare: a group of one
-    rank, or the ``fake`` backend that emulates a group in one process."""
+def host_channel_for(group: dist.ProcessGroup) -> dist.ProcessGroup | None:
+    """The host channel of ``group``, or None where there is nothing to agree on: a group of
+    one rank, or the ``fake`` backend that emulates a group in one process."""
     if dist.get_world_size(group) == 1 or "fake" in dist.get_backend_config(group):
         return None
-    return InputCheck(group)
+    return host_channel(group)
 
 
 def _ranks(ranks: list[int]) -> str:

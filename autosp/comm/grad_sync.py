@@ -5,6 +5,12 @@ parameter records the gradient this backward produced; when the backward ends, t
 gradients are flattened into buckets, summed with one all-reduce per bucket, and the
 difference is added to ``.grad``. Gradients accumulated by earlier backwards (gradient
 accumulation) are therefore not summed twice.
+
+A parameter may get a gradient on some ranks only (an expert that none of this rank's tokens
+were routed to). The ranks first agree, over the host channel, on the parameters that got one
+anywhere: each such parameter joins the same bucket on every rank (zeros where this rank
+produced none) and ends with the full gradient, as in one process; a parameter that got none
+anywhere keeps ``grad=None``, as in one process.
 """
 
 from __future__ import annotations
@@ -20,8 +26,17 @@ from autosp.comm.ops import _counts
 class GradSync:
     """Bucketed all-reduce of the gradients produced by each backward pass."""
 
-    def __init__(self, module: nn.Module, group: dist.ProcessGroup, bucket_mb: float) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        group: dist.ProcessGroup,
+        bucket_mb: float,
+        channel: dist.ProcessGroup | None,
+    ) -> None:
+        """``channel``: a gloo group over the same ranks for host values, or None where the
+        group is emulated in one process (the fake backend) or has one rank."""
         self.group = group
+        self.channel = channel
         self.bucket_bytes = int(bucket_mb * 2**20)
         self._fresh: dict[nn.Parameter, torch.Tensor] = {}
         self._queued = False
@@ -29,7 +44,9 @@ class GradSync:
         self._handles = [p.register_hook(self._make_hook(p)) for p in self._params]
 
     def _make_hook(self, param: nn.Parameter):  # noqa: ANN202
-        def hook(grad: torch.Tensor) -> torch.Tensor:
+        def hook(grad: torch.Tensor | None) -> torch.Tensor | None:
+            if grad is None:  # a compiled backward's undefined gradient: none produced here
+                return grad
             if not self._queued:
                 self._queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._sync)
@@ -39,13 +56,22 @@ class GradSync:
 
         return hook
 
-    def _buckets(self) -> list[list[nn.Parameter]]:
+    def _produced(self) -> list[nn.Parameter]:
+        """The parameters that got a gradient in this backward on any rank of the group."""
+        mine = [p in self._fresh for p in self._params]
+        if self.channel is not None:
+            flags = torch.tensor(mine, dtype=torch.int32)
+            with collective("the gradient all-reduce", self.group):
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.channel)
+            mine = [bool(f) for f in flags.tolist()]
+        return [p for p, produced in zip(self._params, mine, strict=True) if produced]
+
+    def _buckets(self, fresh: dict[nn.Parameter, torch.Tensor]) -> list[list[nn.Parameter]]:
         buckets: list[list[nn.Parameter]] = []
         size = 0
-        for param in (p for p in self._params if p in self._fresh and p.grad is not None):
-            grad = self._fresh[param]
+        for param, grad in fresh.items():
             nbytes = grad.numel() * grad.element_size()
-            same_kind = buckets and self._fresh[buckets[-1][0]].dtype == grad.dtype
+            same_kind = buckets and fresh[buckets[-1][0]].dtype == grad.dtype
             if not same_kind or size + nbytes > self.bucket_bytes:
                 buckets.append([])
                 size = 0
@@ -56,18 +82,25 @@ class GradSync:
     def _sync(self) -> None:
         self._queued = False
         try:
-            for bucket in self._buckets():
-                fresh = [self._fresh[p] for p in bucket]
-                flat = torch.cat([g.reshape(-1) for g in fresh])
+            fresh = {
+                p: self._fresh[p] if p in self._fresh else torch.zeros_like(p)
+                for p in self._produced()
+            }
+            for bucket in self._buckets(fresh):
+                flat = torch.cat([fresh[p].reshape(-1) for p in bucket])
                 summed = flat.clone()
                 _counts["grad_all_reduce"] += 1
                 with collective("the gradient all-reduce", self.group):
                     dist.all_reduce(summed, group=self.group)
                 delta = summed - flat
                 offset = 0
-                for param, grad in zip(bucket, fresh, strict=True):
-                    n = grad.numel()
-                    param.grad.add_(delta[offset : offset + n].view_as(param.grad))
+                for param in bucket:
+                    n = param.numel()
+                    part = delta[offset : offset + n].view_as(param)
+                    if param.grad is None:
+                        param.grad = part.clone()
+                    else:
+                        param.grad.add_(part)
                     offset += n
         finally:
             self._fresh.clear()

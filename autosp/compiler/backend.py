@@ -38,11 +38,14 @@ class TraceState:
     """What the module wrapper tells the backend about the call being traced."""
 
     seq_len: int = 0
-    labels_given: bool = False
+    label_inputs: frozenset[str] = frozenset()
+    """The forward's parameters that hold the ``labels=`` tensor (several when aliased)."""
     plans: list[Plan] = field(default_factory=list)
 
 
-Compile = Callable[[MaskPlan], tuple[Callable[..., Any], Plan]]
+Compile = Callable[[MaskPlan, list[Any] | None], tuple[Callable[..., Any], Plan]]
+"""Compile the rank-local graph for a mask plan, traced with the given inputs (``None``: the
+example inputs Dynamo traced with)."""
 
 
 class Runner:
@@ -60,7 +63,8 @@ class Runner:
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self.compile_graph = compile_graph
         self.masks = masks
-        self.compiled: dict[int, tuple[Callable[..., Any], Plan]] = {0: compile_graph(masks)}
+        self.traced = compile_graph(masks, None)
+        self.fallbacks: dict[tuple[Any, ...], tuple[Callable[..., Any], Plan]] = {}
         self.placeholders = [p.name for p in placeholders]
         self.group = group
         self.rank = dist.get_rank(group)
@@ -71,22 +75,27 @@ class Runner:
 
     def _select(self, args: Sequence[Any]) -> tuple[Callable[..., Any], Plan]:
         """The graph of the first mask plan of the chain whose guards hold (Note [Mask
-        probing]), compiled on first use."""
+        probing]). The first plan's graph was compiled while Dynamo traced, for every length;
+        a later plan's graph is compiled on first use, outside that trace, so for the shapes
+        of this call: it is kept per plan and input shapes."""
         plan, level = self.masks, 0
         failed: list[str] = []
         while broken := [g for g in plan.guards if not g.holds(args[g.index])]:
             failed += [self.inputs.get(g.index, self.placeholders[g.index]) for g in broken]
             plan, level = plan.fallback or MaskPlan({}, ()), level + 1
-        if level not in self.compiled:
+        if level == 0:
+            return self.traced
+        key = (level, *(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
+        if key not in self.fallbacks:
             logger.warning(
                 "autosp: inputs %s do not have the values the attention masks were recognised "
                 "for (plain positions, all ones, 0/1 padding, the traced values of non-sequence "
-                "inputs); compiling a graph for such inputs (structured masks where they hold, "
-                "else the model's own mask)",
+                "inputs); compiling a graph for such inputs of these shapes (structured masks "
+                "where they hold, else the model's own mask)",
                 ", ".join(dict.fromkeys(failed)),
             )
-            self.compiled[level] = self.compile_graph(plan)
-        return self.compiled[level]
+            self.fallbacks[key] = self.compile_graph(plan, list(args))
+        return self.fallbacks[key]
 
     def __call__(self, *args: Any) -> Any:
         compiled, plan = self._select(args)
@@ -120,12 +129,14 @@ class AutoSPBackend:
             self.config,
             list(example_inputs),
             self.state.seq_len,
-            self.state.labels_given,
+            self.state.label_inputs,
         )
         gm = run_passes(ANALYSIS_PASSES, gm, ctx)
         inner = torch._dynamo.lookup_backend(self.config.backend)
 
-        def compile_graph(masks: MaskPlan) -> tuple[Callable[..., Any], Plan]:
+        def compile_graph(
+            masks: MaskPlan, inputs: list[Any] | None
+        ) -> tuple[Callable[..., Any], Plan]:
             ctx.masks = masks
             local_gm = run_passes(REWRITE_PASSES, gm, ctx)
             plan = ctx.plan
@@ -133,6 +144,6 @@ class AutoSPBackend:
             for line in plan.attention + plan.loss:
                 logger.info("autosp: %s", line)
             self.state.plans.append(plan)
-            return inner(local_gm, list(example_inputs)), plan
+            return inner(local_gm, list(example_inputs) if inputs is None else inputs), plan
 
         return Runner(compile_graph, ctx.masks, gm, self.group, ctx.seq_source)

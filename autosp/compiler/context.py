@@ -35,8 +35,10 @@ class CompileContext:
     example_inputs: list[Any]
     seq_len: int
     """The sequence length of the call being traced (a hint to find its symbol)."""
-    labels_given: bool = False
-    """Whether the call being traced passed ``labels=`` (then the graph must return a loss)."""
+    label_inputs: frozenset[str] = frozenset()
+    """The inputs that hold the ``labels=`` tensor of the call being traced: ``{"labels"}``,
+    or more when the caller aliased it (``labels=input_ids``); then the graph must return a
+    loss computed from one of them."""
     seq_syms: frozenset[sympy.Symbol] = frozenset()
     """The symbols that stand for the sequence length (``find_sequence_pass``)."""
     seq_source: tuple[str, int] = ("", 0)

@@ -27,6 +27,7 @@ from torch.fx import GraphModule, Node
 
 from autosp.compiler.attention.reference import softcapped_attention
 from autosp.compiler.context import CompileContext
+from autosp.compiler.mutation import writes_in_place
 from autosp.compiler.ops_table import meta, op_name
 
 logger = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ def fuse_eager_attention_pass(gm: GraphModule, ctx: CompileContext) -> GraphModu
         node.replace_all_uses_with(sdpa)
         fused += 1
     if fused:
-        gm.graph.eliminate_dead_code()
+        gm.graph.eliminate_dead_code(is_impure_node=writes_in_place)  # keeps x.add_(b)
         gm.recompile()
         logger.info("autosp: %d written-out attention chains run as one attention call", fused)
     return gm

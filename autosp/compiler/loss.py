@@ -142,12 +142,11 @@ def shard_loss(sp: ShardingPass, node: Node) -> None:
 def require_loss_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
     """Refuse a call given ``labels=`` whose graph returns nothing computed from them: the
     caller would compute the loss outside, on this rank's rows only."""
-    if not ctx.labels_given:
+    if not ctx.label_inputs:
         return gm
-    labels = [p for p in gm.graph.find_nodes(op="placeholder") if input_name(p) == "labels"]
-    if not labels:
-        return gm  # no placeholder of its own: the labels are another input (labels=input_ids)
-    reached = set(labels)
+    reached = {
+        p for p in gm.graph.find_nodes(op="placeholder") if input_name(p) in ctx.label_inputs
+    }
     for node in gm.graph.nodes:
         if node.op != "placeholder" and any(a in reached for a in node.all_input_nodes):
             reached.add(node)

@@ -42,6 +42,7 @@ from torch.fx import Node
 from autosp.compiler.args import arguments
 from autosp.compiler.ops_table import (
     FACTORY,
+    IN_PLACE_POINTWISE,
     LAYOUT,
     POINTWISE,
     REDUCE_DIM,
@@ -162,9 +163,10 @@ def _one_bag(sp: ShardingPass, node: Node) -> tuple[Node, Local]:
     return bags[0], first
 
 
-@local_rule(*POINTWISE, *(n for n in FACTORY if n.endswith("_like")))
+@local_rule(*POINTWISE, *IN_PLACE_POINTWISE, *(n for n in FACTORY if n.endswith("_like")))
 def bag_pointwise(sp: ShardingPass, node: Node) -> None:
-    """Elementwise ops on items of one bag (and replicated values without the sequence)."""
+    """Elementwise ops on items of one bag (and replicated values without the sequence),
+    in place too (``out.add_(selected_biases)``)."""
     source, bag = _one_bag(sp, node)
     out = meta(node)
     dim = None if bag.dim is None else bag.dim + out.dim() - meta(source).dim()

@@ -63,19 +63,31 @@ def repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.repeat_interleave(heads // t.shape[-3], dim=-3) if t.shape[-3] != heads else t
 
 
-def choose_kernel(q: torch.Tensor, has_bias: bool, softcap: float, use_kernel: bool) -> str:
-    """The kernel that computes a block of queries ``q`` (Note [Block kernels])."""
+def choose_kernel(
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    has_bias: bool,
+    softcap: float,
+    use_kernel: bool,
+) -> str:
+    """The kernel that computes a block of queries on ``device`` (Note [Block kernels])."""
     if not use_kernel or softcap:
         return "math"
-    if q.device.type == "cpu":
+    if device.type == "cpu":
         return "cpu_flash"
-    if q.device.type != "cuda":
+    if device.type != "cuda":
         return "math"
-    head_dim = q.shape[-1]
-    flash_ok = q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0
-    if not has_bias and flash_ok and head_dim <= 256:
+    half = dtype in (torch.float16, torch.bfloat16)
+    if not has_bias and half and head_dim % 8 == 0 and head_dim <= 256:
         return "flash"
     return "efficient"
+
+
+def _kernel_for(q: torch.Tensor, block: Block, softcap: float, use_kernel: bool) -> str:
+    return choose_kernel(
+        q.device, q.dtype, q.shape[-1], block.bias is not None, softcap, use_kernel
+    )
 
 
 def _kernel_bias(bias: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -289,7 +301,7 @@ def accumulate_forward(
     """Attend ``block`` of queries ``q`` to key/value rows ``kv`` and merge the result into the
     fp32 ``out`` and ``lse`` of those query rows, in place."""
     k, v = (repeat_heads(t[..., block.kv, :], q.shape[-3]) for t in kv)
-    kernel = choose_kernel(q, block.bias is not None, softcap, use_kernel)
+    kernel = _kernel_for(q, block, softcap, use_kernel)
     result = block_forward(q[..., block.q, :], k, v, block, scale, softcap, kernel)
     out[..., block.q, :], lse[..., block.q] = merge(
         out[..., block.q, :], lse[..., block.q], *result
@@ -323,7 +335,7 @@ def accumulate_backward(
         block,
         scale,
         softcap,
-        choose_kernel(q, block.bias is not None, softcap, use_kernel),
+        _kernel_for(q, block, softcap, use_kernel),
     )
     dq[..., rows, :] += grads[0]
     group_size = heads // kv[0].shape[-3]
