@@ -96,6 +96,15 @@ class SequenceParallel(nn.Module):
             if isinstance(err.inner_exception, AutoSPError):
                 raise err.inner_exception.with_traceback(None) from None
             raise
+        except torch._dynamo.exc.FailOnRecompileLimitHit as err:
+            limit = torch._dynamo.config.recompile_limit
+            raise AutoSPError(
+                f"autosp: torch.compile reached its recompile limit ({limit}, "
+                f"torch._dynamo.config.recompile_limit) for {type(self.module).__name__}.forward."
+                " Each parallelized instance of one class, and each new batch size or input "
+                "layout, compiles that code again. Parallelize one model and reuse it, or raise "
+                "the limit before compiling: torch._dynamo.config.recompile_limit = 64."
+            ) from err
         except torch._dynamo.exc.Unsupported as err:
             hint = ""
             if "flex_attention" in str(err):

@@ -84,6 +84,19 @@ def several_models() -> list[dict]:
     return results
 
 
+def recompile_limit() -> str:
+    """The message raised when parallelizing a class more often than Dynamo's recompile limit
+    allows (each instance compiles the class's ``forward`` again)."""
+    ids, labels = make_batch(1, 13, seed=0)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for _ in range(3):
+            try:
+                autosp.parallelize(PlainGPT(), backend="aot_eager")(input_ids=ids, labels=labels)
+            except autosp.AutoSPError as err:
+                return str(err)
+    return "no error"
+
+
 class TupleGPT(PlainGPT):
     """Returns ``(loss, logits)``."""
 

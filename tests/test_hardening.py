@@ -3,7 +3,12 @@ a bare loss, arguments spelled any way the schema allows, Hugging Face defaults.
 
 from __future__ import annotations
 
-from tests.hardening_workers import hf_default_cache, output_forms, several_models
+from tests.hardening_workers import (
+    hf_default_cache,
+    output_forms,
+    recompile_limit,
+    several_models,
+)
 from tests.multirank import run_ranks
 
 LOSS_TOL = 1e-5  # fp32 loss: sums reordered across ranks
@@ -40,3 +45,11 @@ def test_hugging_face_default_cache_stays_sharded() -> None:
     identity, so nothing is gathered."""
     for result in run_ranks(2, hf_default_cache):
         _assert_exact(result)
+
+
+def test_recompile_limit_names_the_setting() -> None:
+    """The third parallelized instance of one class under a limit of 2 recompiles: an
+    AutoSPError naming the setting, not Dynamo's FailOnRecompileLimitHit."""
+    for message in run_ranks(2, recompile_limit):
+        assert "torch._dynamo.config.recompile_limit" in message, message
+        assert "PlainGPT.forward" in message, message
