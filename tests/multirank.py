@@ -1,9 +1,19 @@
-"""Run a function on P gloo ranks in spawned processes and collect what each returns."""
+"""Run a function on P gloo ranks in spawned processes and collect what each returns.
+
+``run_ranks`` keeps one pool of rank processes per world size alive between calls (a process
+takes seconds to start and import torch, and its first compilation more): each call runs in
+the pool's process group, then resets Dynamo's caches. A pool whose call failed in a way that
+may leave a rank inside a collective (one rank raised, a rank died, a timeout) is killed and
+the next call starts a new one. ``rank_outcomes`` (tests of failures) always starts fresh
+processes.
+"""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
+import gc
 import os
 import queue as queue_module
 import socket
@@ -76,30 +86,102 @@ def _stop(procs: list, grace: float) -> None:
             p.kill()
 
 
-def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 600) -> list[Any]:
-    """``fn(*args)`` on ``world`` gloo ranks; returns the results by rank or raises RankError
-    as soon as one rank raises or dies."""
-    procs, queue = _start(world, fn, args, None)
-    results: dict[int, Any] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(results) < world:
+def _serve(rank: int, world: int, port: int, inbox: Any, outbox: Any) -> None:
+    """A pooled rank: runs ``(fn, args)`` tasks from ``inbox`` until it gets ``None``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    while (task := inbox.get()) is not None:
+        fn, args = task
+        try:
+            outbox.put((rank, "ok", fn(*args)))
+        except BaseException as err:  # noqa: BLE001 - reported to the parent test
+            outbox.put((rank, "error", (type(err).__name__, str(err), traceback.format_exc())))
+        finally:
+            torch._dynamo.reset()
+            gc.collect()
+    dist.destroy_process_group()
+
+
+class _Pool:
+    """``world`` rank processes in one gloo process group, kept between calls."""
+
+    def __init__(self, world: int) -> None:
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        self.world = world
+        self.outbox = ctx.Queue()
+        self.inboxes = [ctx.Queue() for _ in range(world)]
+        self.procs = [
+            ctx.Process(target=_serve, args=(r, world, port, q, self.outbox), daemon=True)
+            for r, q in enumerate(self.inboxes)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn: Callable[..., Any], args: tuple, timeout: float) -> list[Any]:
+        """Results by rank; raises RankError (and leaves the pool unusable) unless every rank
+        returned."""
+        for inbox in self.inboxes:
+            inbox.put((fn, args))
+        results: dict[int, Any] = {}
+        errors: dict[int, tuple] = {}
+        deadline = time.monotonic() + timeout
+        while len(results) + len(errors) < self.world:
+            # After the first error the others get a short grace to report theirs (then the
+            # pool stays usable); a rank still waiting in a collective is killed with it.
+            limit = deadline if not errors else min(deadline, time.monotonic() + 10)
             try:
-                rank, status, value = queue.get(timeout=1.0)
+                rank, status, value = self.outbox.get(timeout=1.0)
             except queue_module.Empty:
-                dead = [
-                    r for r, p in enumerate(procs) if p.exitcode is not None and r not in results
-                ]
-                if dead or time.monotonic() > deadline:
-                    what = f"rank {dead[0]} died" if dead else f"timed out after {timeout} s"
-                    raise RankError(dead[0] if dead else -1, "RankDied", what, "") from None
+                dead = [r for r, p in enumerate(self.procs) if p.exitcode is not None]
+                if dead:
+                    raise RankError(dead[0], "RankDied", f"rank {dead[0]} died", "") from None
+                if time.monotonic() > limit:
+                    if errors:
+                        raise RankError(min(errors), *errors[min(errors)]) from None
+                    raise RankError(-1, "RankDied", f"timed out after {timeout} s", "") from None
                 continue
-            if status == "error":
-                raise RankError(rank, *value)
-            results[rank] = value
-    finally:
-        _stop(procs, 5 if len(results) == world else 0)
-    return [results[r] for r in range(world)]
+            (results if status == "ok" else errors)[rank] = value
+        if errors:
+            self.reusable = True
+            raise RankError(min(errors), *errors[min(errors)])
+        return [results[r] for r in range(self.world)]
+
+    reusable = False
+    """Set when a failed call ended on every rank (each raised or returned)."""
+
+    def close(self) -> None:
+        for inbox in self.inboxes:
+            with contextlib.suppress(Exception):
+                inbox.put(None)
+        _stop(self.procs, 5)
+
+
+_POOLS: dict[int, _Pool] = {}
+
+
+@atexit.register
+def _close_pools() -> None:
+    for pool in _POOLS.values():
+        pool.close()
+    _POOLS.clear()
+
+
+def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 600) -> list[Any]:
+    """``fn(*args)`` on ``world`` gloo ranks of a kept pool; returns the results by rank or
+    raises RankError when a rank raises or dies."""
+    pool = _POOLS.get(world)
+    if pool is None or any(p.exitcode is not None for p in pool.procs):
+        pool = _POOLS[world] = _Pool(world)
+    try:
+        return pool.run(fn, args, timeout)
+    except RankError:
+        if not pool.reusable:
+            _POOLS.pop(world, None)
+            _stop(pool.procs, 0)
+        pool.reusable = False
+        raise
 
 
 @dataclass(frozen=True, slots=True)
