@@ -73,20 +73,17 @@ COLLECTIVE_TIMEOUT_S = 300  # a collective waiting this long means the ranks div
 GOOD = ("exact", "gathered", "refused", "ran")
 LABELS_IF_NOT_DICT = ("targets", "targets", "targets", "labels")
 
-_IN_PLACE_GAP = (
-    "an in-place op on a sequence-sharded tensor (mul_, masked_fill_, setitem, +=) is gathered "
-    "and mutates the gathered copy, so later readers of the tensor miss the write: silent wrong "
-    "loss/gradients under aot_eager (gather warning only), a view+inplace RuntimeError under "
-    "eager. Minimal: Spec(mixer='scale_inplace') (y = x.clone(); y.mul_(0.5))"
+_SETITEM_GAP = (
+    "x[:, 0] = v on a sharded value: autograd refuses the in-place write into a view made by a "
+    "custom Function (a loud RuntimeError, not a wrong number). Minimal: "
+    "Spec(mixer='setitem_first')"
 )
 KNOWN_GAPS: dict[str, str] = {
     "mlp:moe": (
         "the router's topk/scatter are gathered and the router weight gradient is off "
         "(rel. err 3.6e-4 with Spec(mlp='moe'), up to 0.8 with more layers): MoE multi-output ops"
     ),
-    "mixer:scale_inplace": _IN_PLACE_GAP,
-    "mixer:setitem_first": _IN_PLACE_GAP,
-    "mixer:shift_inplace": _IN_PLACE_GAP,
+    "mixer:setitem_first": _SETITEM_GAP,
 }
 """Spec features (``features(spec)``) whose failures are autosp bugs being fixed now, with the
 reason. A failing example with one of these features is reported as known, not failed; remove
