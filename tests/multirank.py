@@ -110,6 +110,8 @@ class _Pool:
         ctx = mp.get_context("spawn")
         port = _free_port()
         self.world = world
+        self.broken = False
+        """Set when a call left a rank dead or possibly inside a collective: killed."""
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(world)]
         self.procs = [
@@ -128,28 +130,26 @@ class _Pool:
         errors: dict[int, tuple] = {}
         deadline = time.monotonic() + timeout
         while len(results) + len(errors) < self.world:
-            # After the first error the others get a short grace to report theirs (then the
-            # pool stays usable); a rank still waiting in a collective is killed with it.
-            limit = deadline if not errors else min(deadline, time.monotonic() + 10)
             try:
                 rank, status, value = self.outbox.get(timeout=1.0)
             except queue_module.Empty:
                 dead = [r for r, p in enumerate(self.procs) if p.exitcode is not None]
-                if dead:
-                    raise RankError(dead[0], "RankDied", f"rank {dead[0]} died", "") from None
-                if time.monotonic() > limit:
+                if dead or time.monotonic() > deadline:
+                    # A rank still waiting in a collective: kill the pool with it.
+                    self.broken = True
+                    _stop(self.procs, 0)
+                    if dead:
+                        raise RankError(dead[0], "RankDied", f"rank {dead[0]} died", "") from None
                     if errors:
                         raise RankError(min(errors), *errors[min(errors)]) from None
                     raise RankError(-1, "RankDied", f"timed out after {timeout} s", "") from None
                 continue
+            if status != "ok" and not errors:  # the others get a short grace to end too
+                deadline = min(deadline, time.monotonic() + 10)
             (results if status == "ok" else errors)[rank] = value
-        if errors:
-            self.reusable = True
+        if errors:  # every rank ended the call: the pool stays usable
             raise RankError(min(errors), *errors[min(errors)])
         return [results[r] for r in range(self.world)]
-
-    reusable = False
-    """Set when a failed call ended on every rank (each raised or returned)."""
 
     def close(self) -> None:
         for inbox in self.inboxes:
@@ -172,16 +172,9 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 6
     """``fn(*args)`` on ``world`` gloo ranks of a kept pool; returns the results by rank or
     raises RankError when a rank raises or dies."""
     pool = _POOLS.get(world)
-    if pool is None or any(p.exitcode is not None for p in pool.procs):
+    if pool is None or pool.broken:
         pool = _POOLS[world] = _Pool(world)
-    try:
-        return pool.run(fn, args, timeout)
-    except RankError:
-        if not pool.reusable:
-            _POOLS.pop(world, None)
-            _stop(pool.procs, 0)
-        pool.reusable = False
-        raise
+    return pool.run(fn, args, timeout)
 
 
 @dataclass(frozen=True, slots=True)
