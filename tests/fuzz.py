@@ -5,7 +5,7 @@ how it is parallelized. The property, checked by ``evaluate_spec`` on every rank
 group, is autosp's contract:
 
 * ``exact``: loss rel. err <= LOSS_TOL on every length, every parameter gradient rel. err
-  <= GRAD_TOL (norm floor ``GRAD_FLOOR``), gathered logits max err <= LOGITS_TOL, the same loss
+  <= GRAD_TOL (``tests.workers.grad_errors``), gathered logits max err <= LOGITS_TOL, the same loss
   on every rank, and a compiled plan (never a silent eager run);
 * ``gathered``: exact, and every op the plan gathered was named in a warning;
 * ``refused``: ``autosp.AutoSPError`` raised (the message is recorded);
@@ -56,13 +56,14 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from torch import nn
 
+from tests.workers import grad_errors
+
 logger = logging.getLogger(__name__)
 
 VOCAB = 64
 MAX_POSITIONS = 64
 LOSS_TOL = 1e-5  # fp32 loss: sums reordered across ranks
 GRAD_TOL = 1e-4  # fp32 gradients: attention and matmul reductions reordered
-GRAD_FLOOR = 1e-5  # gradient norms below this count as zero (see tests/workers.py)
 LOGITS_TOL = 1e-5
 DROPOUT_LOSS_TOL = 0.5  # Note [Dropout]: a gross bound, dropout changes the loss by a few %
 BACKEND = "eager"
@@ -79,10 +80,6 @@ _SETITEM_GAP = (
     "Spec(mixer='setitem_first')"
 )
 KNOWN_GAPS: dict[str, str] = {
-    "mlp:moe": (
-        "the router's topk/scatter are gathered and the router weight gradient is off "
-        "(rel. err 3.6e-4 with Spec(mlp='moe'), up to 0.8 with more layers): MoE multi-output ops"
-    ),
     "mixer:setitem_first": _SETITEM_GAP,
 }
 """Spec features (``features(spec)``) whose failures are autosp bugs being fixed now, with the
@@ -608,17 +605,6 @@ def _loss_logits(spec: Spec, out: Any) -> tuple[torch.Tensor, torch.Tensor | Non
 
 
 # ----------------------------------------------------------------------------- evaluation
-def _grad_errors(model: nn.Module, ref: nn.Module) -> dict[str, float]:
-    errors = {}
-    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
-        if p.grad is None or q.grad is None:
-            errors[name] = 0.0 if p.grad is q.grad else math.inf
-            continue
-        diff = (p.grad - q.grad).norm() / q.grad.norm().clamp(min=GRAD_FLOOR)
-        errors[name] = diff.item() if torch.isfinite(p.grad).all() else math.inf
-    return errors
-
-
 def evaluate_spec(spec: Spec, group: dist.ProcessGroup, backend: str) -> dict[str, Any]:
     """This rank's outcome of one example: ``{"kind", "detail", "gathered"}``."""
     import autosp
@@ -680,7 +666,7 @@ def _step(
     if any(not torch.equal(x, losses[0]) for x in losses):
         return f"step {batch}x{seq}: loss differs across ranks {[x.item() for x in losses]}"
     loss_err = abs(loss.item() - ref_loss.item()) / max(abs(ref_loss.item()), 1e-12)
-    grads = _grad_errors(model, ref)
+    grads = grad_errors(model, ref)
     if spec.dropout:
         finite = math.isfinite(loss.item()) and all(map(math.isfinite, grads.values()))
         if not finite or loss_err > DROPOUT_LOSS_TOL:

@@ -43,6 +43,25 @@ def test_fuzz_slice() -> None:
     assert not [bad for bad in failures(results) if not bad["known"]], summary(results)
 
 
+FOUND = {
+    "Spec(mlp='moe', top_k=2, layers=2, world=3, steps=((2, 17),))": "exact",
+    "Spec(world=2, heads=1, kv_heads=1, head_dim=12, attn_impl='eager', gqa='expand',"
+    " mask='window', mask_dtype='float', window=1, pos_emb='rope', norm='rms', mlp='dense',"
+    " mixer='conv1d', layout='seq_first', reduction='sum', output='tensor', steps=((2, 19),),"
+    " seed=10383)": "gathered",
+}
+"""Examples a longer run found, and what each must be now: a MoE router's gates
+(``scatter`` along the experts, once gathered) and a one-token window (the query weights' gradient
+is zero: only rounding noise is left, which ``grad_errors`` must not call a mismatch; the conv
+mixer's padding is gathered)."""
+
+
+def test_found_examples() -> None:
+    want = {repr(parse_spec(text)): kind for text, kind in FOUND.items()}
+    results = run_specs([parse_spec(text) for text in FOUND])
+    assert {r["spec"]: r["kind"] for r in results} == want, summary(results)
+
+
 def test_spec_checks_its_fields() -> None:
     bad = {"heads": 4, "kv_heads": 3}
     try:

@@ -26,7 +26,7 @@ from torch import nn
 import autosp
 from tests.models import VOCAB, PlainGPT
 from tests.multirank import run_ranks
-from tests.workers import GRAD_FLOOR, make_batch, model_parity
+from tests.workers import grad_errors, make_batch, model_parity
 
 LOSS_TOL = 1e-5  # fp32 loss: sums are reordered across ranks
 GRAD_TOL = 1e-4  # fp32 gradients: attention and matmul reductions reordered
@@ -216,18 +216,7 @@ def outer_input_grads(inner: str, leaf: bool) -> dict[str, Any]:
     return {
         "loss_rel_err": abs(loss.item() - expected.item()) / abs(expected.item()),
         "outer_rel_err": ((got - want).norm() / want.norm()).item(),
-        "inner": _grad_errors(model, ref_model),
-    }
-
-
-def _grad_errors(model: nn.Module, ref: nn.Module) -> dict[str, float]:
-    """``grad_errors`` over the parameters that get a gradient (EmbedsGPT's ``tok`` does not)."""
-    used = [(n, p, q) for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True)]
-    assert all((p.grad is None) == (q.grad is None) for _, p, q in used)
-    return {
-        n: ((p.grad - q.grad).norm() / q.grad.norm().clamp(min=GRAD_FLOOR)).item()
-        for n, p, q in used
-        if q.grad is not None
+        "inner": grad_errors(model, ref_model, skip_unused=True),
     }
 
 

@@ -630,6 +630,25 @@ def pad(sp: ShardingPass, node: Node) -> None:
     _emit_local(sp, node, placement)
 
 
+@rule("scatter", "scatter_add", "scatter_reduce", "gather")
+def index_along_other_dim(sp: ShardingPass, node: Node) -> None:
+    """``scatter`` / ``gather`` along a dimension other than the sequence, with every tensor
+    operand sharded alike: each row reads and writes its own row only
+    (``zeros_like(probs).scatter(-1, chosen, weights)``, the gates of a MoE router)."""
+    found = _args(node)
+    inputs = tensor_args(node)
+    placements = {sp.placement(a) for a in inputs}
+    placement = placements.pop()
+    if placements or not isinstance(placement, Shard):
+        raise UnsupportedOp("operands not all sharded alike")
+    ndim = meta(node).dim()
+    if any(meta(a).dim() != ndim for a in inputs):
+        raise UnsupportedOp("operands of different ranks")
+    if normalize_dim(found["dim"], ndim) == placement.dim:
+        raise UnsupportedOp("indexing along the sequence")
+    _emit_local(sp, node, placement)
+
+
 def factory(sp: ShardingPass, node: Node) -> None:
     """``zeros_like(x)`` follows ``x``; other factories ignore their input's values."""
     if op_name(node).endswith("_like"):
