@@ -12,7 +12,7 @@ import torch.distributed as dist
 import autosp
 from autosp.comm.faults import InputCheck, host_channel
 from tests.models import build
-from tests.workers import make_batch
+from tests.workers import BACKEND, make_batch
 
 
 def train(batches: list[list[tuple[int, int]]], fault: tuple[int, int, str] | None = None) -> dict:
@@ -23,7 +23,7 @@ def train(batches: list[list[tuple[int, int]]], fault: tuple[int, int, str] | No
     Returns the losses, or the step, type, message and seconds since that step began of the
     first error."""
     rank = dist.get_rank()
-    model = autosp.parallelize(build("plain_gpt"), backend="aot_eager")
+    model = autosp.parallelize(build("plain_gpt"), backend=BACKEND)
     losses: list[float] = []
     for step, per_rank in enumerate(batches):
         ids, labels = make_batch(1, *per_rank[rank])

@@ -13,7 +13,7 @@ from torch import nn
 
 import autosp
 from tests.models import VOCAB, PlainGPT
-from tests.workers import grad_errors, make_batch
+from tests.workers import BACKEND, grad_errors, make_batch
 
 
 def _loss_of(out: Any) -> torch.Tensor:
@@ -33,7 +33,7 @@ def compare(model: nn.Module, options: dict[str, Any], batch: int = 2, seq: int 
     expected.backward()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        parallel = autosp.parallelize(model, backend="aot_eager", **options)
+        parallel = autosp.parallelize(model, backend=BACKEND, **options)
         loss = _loss_of(parallel(input_ids=ids, labels=labels))
         loss.backward()
     return {
@@ -91,7 +91,7 @@ def recompile_limit() -> str:
     with torch._dynamo.config.patch(recompile_limit=2):
         for _ in range(3):
             try:
-                autosp.parallelize(PlainGPT(), backend="aot_eager")(input_ids=ids, labels=labels)
+                autosp.parallelize(PlainGPT(), backend=BACKEND)(input_ids=ids, labels=labels)
             except autosp.AutoSPError as err:
                 return str(err)
     return "no error"

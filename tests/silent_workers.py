@@ -14,7 +14,7 @@ from torch import nn
 
 import autosp
 from tests.models import VOCAB, PlainBlock
-from tests.workers import grad_errors, make_batch, model_parity
+from tests.workers import BACKEND, grad_errors, make_batch, model_parity
 
 
 def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -209,7 +209,7 @@ def silent_parity(
     torch.manual_seed(0)
     model = globals()[factory](**kwargs)
     inputs = EXTRA_INPUTS[extra] if extra else None
-    return model_parity(model, cases, {"backend": "aot_eager", **options}, inputs)
+    return model_parity(model, cases, {"backend": BACKEND, **options}, inputs)
 
 
 def _rng_in_step() -> bool:
@@ -226,7 +226,7 @@ def dropout_check(batch: int, seq: int, options: dict[str, Any]) -> dict[str, An
     torch.manual_seed(0)
     model = DropoutLM()
     ref = copy.deepcopy(model)
-    parallel = autosp.parallelize(model, backend="aot_eager", **options)
+    parallel = autosp.parallelize(model, backend=BACKEND, **options)
     ids, labels = make_batch(batch, seq, seed=seq)
     out = parallel(input_ids=ids, labels=labels)
     out["loss"].backward()
@@ -251,7 +251,7 @@ def attention_dropout_check(batch: int, seq: int, heads: int, options: dict[str,
     """Attention dropout: whether the heads' masks are equal (they are independent in one
     process), the fraction kept, and whether the ranks' generators stay in step."""
     torch.manual_seed(0)
-    parallel = autosp.parallelize(AttentionDropoutProbe(heads), backend="aot_eager", **options)
+    parallel = autosp.parallelize(AttentionDropoutProbe(heads), backend=BACKEND, **options)
     ids, labels = make_batch(batch, seq, seed=seq)
     out = parallel(input_ids=ids, labels=labels)
     out["loss"].backward()

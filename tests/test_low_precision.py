@@ -19,7 +19,7 @@ import torch.distributed as dist
 import autosp
 from tests.models import EXTRA, FAMILIES
 from tests.multirank import run_ranks
-from tests.workers import make_batch
+from tests.workers import BACKEND, make_batch
 
 RATIO = 2.0
 """autosp's error may be at most this multiple of the single-process bf16 error."""
@@ -46,7 +46,7 @@ def bf16_errors(cases: list[tuple[str, dict[str, Any]]], batch: int, seq: int) -
         torch.manual_seed(0)
         model = factory().to(torch.bfloat16)
         reference, single = copy.deepcopy(model).double(), copy.deepcopy(model)
-        parallel = autosp.parallelize(model, backend="aot_eager", **options)
+        parallel = autosp.parallelize(model, backend=BACKEND, **options)
         ids, labels = make_batch(batch, seq, seed=seq)
         losses = {}
         for key, module in (("ref", reference), ("single", single), ("autosp", parallel)):

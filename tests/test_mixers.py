@@ -21,17 +21,19 @@ def check_parity(result: dict) -> None:
     assert result["logits_max_err"] <= LOGITS_TOL, result
 
 
-RING_SINKS = pytest.mark.xfail(
-    strict=True, reason="ring attention has no sink term yet: the attention call is gathered"
-)
-
-
 @pytest.mark.parametrize(
-    ("world", "strategy"),
-    [(2, " ulysses ("), pytest.param(3, " ring (", marks=RING_SINKS)],
+    ("world", "attention", "families", "strategy"),
+    [
+        (2, "auto", ["sink_gpt", "gpt_oss"], " ulysses ("),
+        (3, "auto", ["sink_gpt", "gpt_oss"], " ring ("),
+        (4, "hybrid", ["sink_gpt"], " hybrid ("),
+    ],
 )
-def test_attention_sinks(world: int, strategy: str) -> None:
-    per_rank = run_ranks(world, table_parity, "MIXER_FAMILIES", ["sink_gpt", "gpt_oss"], [(2, 13)])
+def test_attention_sinks(world: int, attention: str, families: list[str], strategy: str) -> None:
+    """Sinks under each strategy: Ulysses takes its heads' sinks, ring joins them to the
+    log-sum-exp after the last block, hybrid does both."""
+    options = {"attention": attention}
+    per_rank = run_ranks(world, table_parity, "MIXER_FAMILIES", families, [(2, 13)], options)
     for results in per_rank:
         for name, (result,) in results.items():
             check_parity(result)
@@ -50,7 +52,7 @@ PADDING_NAN = pytest.mark.xfail(
 
 @pytest.mark.parametrize("name", ["lfm2", pytest.param("scan_gpt", marks=PADDING_NAN)])
 def test_hybrid_mixers_run_exactly(name: str) -> None:
-    per_rank = run_ranks(2, table_parity, "MIXER_FAMILIES", [name], [(2, 13)])
+    per_rank = run_ranks(2, table_parity, "MIXER_FAMILIES", [name], [(2, 13)], {})
     for results in per_rank:
         for name, (result,) in results.items():
             check_parity(result)

@@ -36,6 +36,6 @@ def test_moe_parity(world: int, aux: bool) -> None:
     """Every family at SP=2; at SP=4 (slower to compile) Mixtral and Qwen2-MoE (shared
     expert), for the suite's time budget."""
     families = FAMILIES if world == 2 else FAMILIES[::2]
-    per_rank = run_ranks(world, table_parity, "MOE_FAMILIES", families, [(2, 13)], aux)
+    per_rank = run_ranks(world, table_parity, "MOE_FAMILIES", families, [(2, 13)], {}, aux)
     for results in per_rank:
         check(results, aux)

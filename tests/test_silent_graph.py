@@ -26,7 +26,7 @@ from torch import nn
 import autosp
 from tests.models import VOCAB, PlainGPT
 from tests.multirank import run_ranks
-from tests.workers import grad_errors, make_batch, model_parity
+from tests.workers import BACKEND, grad_errors, make_batch, model_parity
 
 LOSS_TOL = 1e-5  # fp32 loss: sums are reordered across ranks
 GRAD_TOL = 1e-4  # fp32 gradients: attention and matmul reductions reordered
@@ -135,7 +135,7 @@ def mutation_parity(variants: list[str]) -> dict[str, Any]:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                (result,) = model_parity(MutatingGPT(variant), [(1, 13)], {"backend": "aot_eager"})
+                (result,) = model_parity(MutatingGPT(variant), [(1, 13)], {"backend": BACKEND})
         except autosp.AutoSPError as err:
             results[variant] = {"error": str(err)}
             continue
@@ -199,7 +199,7 @@ def outer_input_grads(inner: str, leaf: bool) -> dict[str, Any]:
     outer = nn.Embedding(VOCAB, 64)
     model = EmbedsGPT() if inner == "plain" else _llama()
     ref_outer, ref_model = copy.deepcopy(outer), copy.deepcopy(model)
-    parallel = autosp.parallelize(model, backend="aot_eager")
+    parallel = autosp.parallelize(model, backend=BACKEND)
     ids, labels = make_batch(1, 13, seed=13)
 
     def embeds(module: nn.Module) -> torch.Tensor:
@@ -252,7 +252,7 @@ class SoftLabelGPT(PlainGPT):
 
 def soft_label_parity(smoothing: float) -> dict:
     torch.manual_seed(0)
-    (result,) = model_parity(SoftLabelGPT(smoothing), [(2, 13)], {"backend": "aot_eager"})
+    (result,) = model_parity(SoftLabelGPT(smoothing), [(2, 13)], {"backend": BACKEND})
     return result
 
 
@@ -305,9 +305,9 @@ def ddp_over_sp_group(inside: bool) -> str:
     ids, labels = make_batch(1, 13, seed=0)
     try:
         if inside:
-            autosp.parallelize(DDP(PlainGPT()), backend="aot_eager")
+            autosp.parallelize(DDP(PlainGPT()), backend=BACKEND)
         else:
-            model = DDP(autosp.parallelize(PlainGPT(), backend="aot_eager"))
+            model = DDP(autosp.parallelize(PlainGPT(), backend=BACKEND))
             model(input_ids=ids, labels=labels)["loss"].backward()
     except autosp.AutoSPError as err:
         return str(err)

@@ -24,6 +24,11 @@ def make_batch(batch: int, seq: int, seed: int) -> tuple[torch.Tensor, torch.Ten
     return ids, labels
 
 
+BACKEND = "eager"
+"""The inner compiler of the parity tests: the sharding pass is what they test, and
+AOTAutograd triples their compile time. ``test_parity`` runs every family through
+``aot_eager`` and one through ``inductor``; ``count_step`` counts collectives under AOTAutograd."""
+
 GRAD_FLOOR = 1e-5
 """Gradient norms below this are treated as zero when taking relative errors: some gradients
 are zero in exact arithmetic (a key bias under softmax) and only rounding noise is left."""
@@ -69,7 +74,7 @@ def spec_parity(
 
     torch.manual_seed(0)
     model = getattr(tests.models, factory)(**kwargs)
-    return model_parity(model, cases, {"backend": "aot_eager", **options})
+    return model_parity(model, cases, {"backend": BACKEND, **options})
 
 
 def model_parity(
@@ -120,7 +125,7 @@ def train_steps(family: str, steps: int, batch: int, seq: int) -> list[dict[str,
     """``steps`` AdamW steps of the parallel and the single-process model, side by side."""
     model = build(family)
     ref = copy.deepcopy(model)
-    parallel = autosp.parallelize(model, backend="aot_eager")
+    parallel = autosp.parallelize(model, backend=BACKEND)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     history = []
@@ -144,7 +149,7 @@ def train_steps(family: str, steps: int, batch: int, seq: int) -> list[dict[str,
 
 def call_with_rank_batch(seed_per_rank: bool) -> None:
     """Call a parallel model with a batch that differs across ranks when asked to."""
-    model = autosp.parallelize(build("plain_gpt"), backend="aot_eager")
+    model = autosp.parallelize(build("plain_gpt"), backend=BACKEND)
     ids, labels = make_batch(1, 12, seed=dist.get_rank() if seed_per_rank else 0)
     model(input_ids=ids, labels=labels)
 
@@ -154,7 +159,7 @@ def call_model(factory: str, kwargs: dict[str, Any], options: dict[str, Any]) ->
     import tests.models
 
     model = getattr(tests.models, factory)(**kwargs)
-    parallel = autosp.parallelize(model, backend="aot_eager", **options)
+    parallel = autosp.parallelize(model, backend=BACKEND, **options)
     ids, labels = make_batch(1, 12, seed=0)
     parallel(input_ids=ids, labels=labels)
 
@@ -244,7 +249,7 @@ def family_parity(names: list[str], seq: int) -> dict[str, dict]:
     for name in names:
         factory, extra_inputs = EXTRA.get(name) or (FAMILIES[name], None)
         torch.manual_seed(0)
-        (result,) = model_parity(factory(), [(1, seq)], {"backend": "aot_eager"}, extra_inputs)
+        (result,) = model_parity(factory(), [(1, seq)], {"backend": BACKEND}, extra_inputs)
         results[name] = result
     return results
 
@@ -255,7 +260,7 @@ def mesh_parity() -> list[dict]:
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("sp",))
     torch.manual_seed(0)
-    return model_parity(build("plain_gpt"), [(1, 13)], {"backend": "aot_eager", "group": mesh})
+    return model_parity(build("plain_gpt"), [(1, 13)], {"backend": BACKEND, "group": mesh})
 
 
 def fallback_parity() -> dict[str, Any]:
@@ -267,16 +272,20 @@ def fallback_parity() -> dict[str, Any]:
     torch.manual_seed(0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        (result,) = model_parity(PooledGPT(), [(1, 13)], {"backend": "aot_eager"})
+        (result,) = model_parity(PooledGPT(), [(1, 13)], {"backend": BACKEND})
     result["warnings"] = [str(w.message) for w in caught if "autosp" in str(w.message)]
     return result
 
 
 def table_parity(
-    table: str, names: list[str], cases: list[tuple[int, int]], *build_args: Any
+    table: str,
+    names: list[str],
+    cases: list[tuple[int, int]],
+    options: dict[str, Any],
+    *build_args: Any,
 ) -> dict[str, list]:
-    """``parity`` of models ``tests.models.<table>[name](*build_args)`` per name, each result
-    with the autosp warnings raised while running it."""
+    """``parity`` of models ``tests.models.<table>[name](*build_args)`` per name, parallelized
+    with ``options``, each result with the autosp warnings raised while running it."""
     import warnings
 
     import tests.models
@@ -287,7 +296,7 @@ def table_parity(
         model = getattr(tests.models, table)[name](*build_args)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            found = model_parity(model, cases, {"backend": "aot_eager"})
+            found = model_parity(model, cases, {"backend": BACKEND, **options})
         for result in found:
             result["warnings"] = [str(w.message) for w in caught if "autosp" in str(w.message)]
         results[name] = found

@@ -160,8 +160,6 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
     strategy = choose_strategy(sp.attention, heads, world, sorted(sp.group.hybrid))
     if strategy in ("ring", "hybrid") and args["dropout_p"]:
         raise UnsupportedOp(f"{strategy} attention with dropout")
-    if strategy in ("ring", "hybrid") and sinks is not None:
-        raise UnsupportedOp(f"{strategy} attention with sinks")
     if mask is not None:
         mask = sp.replicate(mask)
     seq_dim = q_meta.dim() - 2
@@ -171,6 +169,7 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
         "softcap": args["softcap"],
         "seq_len": sp.seq_len,
         "balance": sp.load_balance,
+        "sinks": None if sinks is None else sp.replicate(sinks),
         **structure,
     }
     if strategy == "ring":
@@ -212,7 +211,7 @@ def shard_attention(sp: ShardingPass, node: Node) -> None:
             group=sp.name,
             kv_repeat=repeat,
             softcap=args["softcap"],
-            sinks=None if sinks is None else sp.replicate(sinks),
+            sinks=ring_options["sinks"],
             **structure,
         )
         detail = f"{heads} heads, {kv_heads} kv heads"

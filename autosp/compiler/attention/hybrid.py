@@ -53,17 +53,20 @@ def hybrid_attention(
     window: int = 0,
     documents: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention on sequence-sharded ``[..., H, L, D]`` inputs (Note [Hybrid]); ``mask`` is
     the whole ``[..., S, S]`` mask, or None; ``window``, ``documents``, ``valid`` a structured
-    mask (Note [Structured masks])."""
+    mask (Note [Structured masks]); ``sinks`` one logit per head (``[..., H, 1, 1]``)."""
     head_dim, seq_dim = query.dim() - 3, query.dim() - 2
     if kv_repeat > 1:
         key, value = (t.repeat_interleave(kv_repeat, dim=head_dim) for t in (key, value))
     q, k, v = (ops.all_to_all(t, head_dim, seq_dim, ulysses_group) for t in (query, key, value))
+    heads, position = q.shape[head_dim], dist.get_rank(_group(ulysses_group))
     if mask is not None and mask.dim() >= 3 and mask.shape[-3] > 1:
-        heads = q.shape[head_dim]
-        mask = mask.narrow(-3, dist.get_rank(_group(ulysses_group)) * heads, heads)
+        mask = mask.narrow(-3, position * heads, heads)
+    if sinks is not None and sinks.shape[-3] > 1:
+        sinks = sinks.narrow(-3, position * heads, heads)
     out = ring_attention(
         q,
         k,
@@ -78,5 +81,6 @@ def hybrid_attention(
         window=window,
         documents=documents,
         valid=valid,
+        sinks=sinks,
     )
     return ops.all_to_all(out, seq_dim, head_dim, ulysses_group)

@@ -23,6 +23,14 @@ backward takes the global output and log-sum-exp, or on fp32 math for soft-cappe
 ``lse``; the key/value gradients travel around the ring with their block and arrive back at
 its owner after ``P`` hops.
 
+Note [Sinks in the ring]
+------------------------
+A sink is one more logit per head in every softmax row, with a zero value. After the last
+block, ``total = log(exp(lse) + exp(sink))`` and ``out *= exp(lse - total)``. With ``total``
+saved as the log-sum-exp, the usual backward (probabilities ``exp(s - total)``, ``delta =
+rowsum(dO * O)``) is already the gradient of the joined softmax; the sink's is
+``-sum(exp(sink - total) * delta)`` over this rank's rows (a partial sum, like any parameter's).
+
 Padding rows sit at the end of the sequence: causal attention never shows them to a real query;
 otherwise keys at positions ``>= seq_len`` are masked, and padding queries see every key (so no
 softmax row is empty).
@@ -170,6 +178,7 @@ def ring_attention_fwd(
     mask: torch.Tensor | None,
     documents: torch.Tensor | None,
     valid: torch.Tensor | None,
+    sinks: torch.Tensor | None,
     is_causal: bool,
     window: int,
     scale: float,
@@ -181,7 +190,8 @@ def ring_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention forward on ``[..., H, L, D]`` blocks: output and fp32 log-sum-exp.
     ``mask``: this rank's query rows of the padded mask, ``[..., L, P*L]``, or None;
-    or a structured mask by ``window``, ``documents`` and ``valid``."""
+    or a structured mask by ``window``, ``documents`` and ``valid``; ``sinks``
+    (Note [Sinks in the ring]) or None."""
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     structure = structure_of(window, documents, valid)
@@ -189,6 +199,10 @@ def ring_attention_fwd(
     for blocks, kv in steps:
         for block in blocks:
             accumulate_forward(out, lse, q, kv, block, scale, softcap, use_kernel)
+    if sinks is not None:
+        total = torch.logaddexp(lse, sinks.float().squeeze(-1))
+        out *= torch.exp(lse - total).unsqueeze(-1)
+        lse = total
     return out.to(q.dtype), lse
 
 
@@ -208,6 +222,7 @@ def ring_attention_bwd(
     mask: torch.Tensor | None,
     documents: torch.Tensor | None,
     valid: torch.Tensor | None,
+    sinks: torch.Tensor | None,
     is_causal: bool,
     window: int,
     scale: float,
@@ -218,9 +233,10 @@ def ring_attention_bwd(
     zigzag: bool,
     *,
     mask_grad: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ring attention; key/value gradients return to their owner. With
-    ``mask_grad``, also the (float) mask's gradient, else an empty tensor in its place."""
+    ``mask_grad``, also the (float) mask's gradient, else an empty tensor in its place; the
+    sinks' gradient from this rank's rows (an empty tensor without sinks)."""
     pg = _group(group)
     rank, world = dist.get_rank(pg), dist.get_world_size(pg)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -245,7 +261,12 @@ def ring_attention_bwd(
             for work in works:
                 work.wait()
     dmask = dmask.to(mask.dtype) if dmask.numel() else dmask
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), dmask
+    dsinks = q.new_empty(0)
+    if sinks is not None:
+        delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)
+        probs = torch.exp(sinks.float() - lse.unsqueeze(-1))
+        dsinks = (-probs * delta).sum_to_size(sinks.shape).to(sinks.dtype)
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), dmask, dsinks
 
 
 def _add_bias_grad(
@@ -277,24 +298,35 @@ def _add_bias_grad(
 
 
 @ring_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, mask, *options, mask_grad=False):  # noqa: ANN001, ANN002, ANN202
+def _(grad_out, q, k, v, out, lse, mask, documents, valid, sinks, *options, mask_grad=False):  # noqa: ANN001, ANN002, ANN202
     dmask = mask.new_empty(mask.shape) if mask_grad and mask is not None else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+    dsinks = q.new_empty(0) if sinks is None else sinks.new_empty(sinks.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask, dsinks
 
 
 def _setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    q, k, v, mask, documents, valid, *ctx.options = inputs
+    q, k, v, mask, documents, valid, sinks, *ctx.options = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, documents, valid)
+    ctx.save_for_backward(q, k, v, out, lse, mask, documents, valid, sinks)
 
 
 def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor):  # noqa: ANN001, ANN202
     q, k, v, out, lse, *masks = ctx.saved_tensors
     mask_grad = ctx.needs_input_grad[3]
-    dq, dk, dv, dmask = ring_attention_bwd(
+    dq, dk, dv, dmask, dsinks = ring_attention_bwd(
         grad_out, q, k, v, out, lse, *masks, *ctx.options, mask_grad=mask_grad
     )
-    return dq, dk, dv, dmask if mask_grad else None, None, None, *(None for _ in ctx.options)
+    dsinks = dsinks if ctx.needs_input_grad[6] else None
+    return (
+        dq,
+        dk,
+        dv,
+        dmask if mask_grad else None,
+        None,
+        None,
+        dsinks,
+        *(None for _ in ctx.options),
+    )
 
 
 ring_attention_fwd.register_autograd(_backward, setup_context=_setup)
@@ -314,14 +346,17 @@ def ring_attention(
     window: int = 0,
     documents: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
     use_kernel: bool = True,
     balance: bool = True,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` on sequence-sharded ``[..., H, L, D]`` inputs, by
     passing key/value blocks around the ring (Note [Ring attention]). ``mask`` is the whole
     ``[..., S, S]`` mask (heads already this rank's), or None; ``window``, ``documents`` and
-    ``valid`` a structured mask (Note [Structured masks]). Causal attention without a mask
-    on even blocks is load-balanced unless ``balance`` is False (Note [Load balancing])."""
+    ``valid`` a structured mask (Note [Structured masks]); ``sinks`` one logit per head
+    (``[..., H, 1, 1]``) joined to every softmax row (Note [Sinks in the ring]). Causal
+    attention without a mask on even blocks is load-balanced unless ``balance`` is False
+    (Note [Load balancing])."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     rows, seq_dim = query.shape[-2], query.dim() - 2
     if mask is not None:
@@ -341,6 +376,7 @@ def ring_attention(
         mask,
         documents,
         valid,
+        sinks,
         is_causal,
         window,
         scale,
