@@ -74,14 +74,7 @@ COLLECTIVE_TIMEOUT_S = 300  # a collective waiting this long means the ranks div
 GOOD = ("exact", "gathered", "refused", "ran")
 LABELS_IF_NOT_DICT = ("targets", "targets", "targets", "labels")
 
-_SETITEM_GAP = (
-    "x[:, 0] = v on a sharded value: autograd refuses the in-place write into a view made by a "
-    "custom Function (a loud RuntimeError, not a wrong number). Minimal: "
-    "Spec(mixer='setitem_first')"
-)
-KNOWN_GAPS: dict[str, str] = {
-    "mixer:setitem_first": _SETITEM_GAP,
-}
+KNOWN_GAPS: dict[str, str] = {}
 """Spec features (``features(spec)``) whose failures are autosp bugs being fixed now, with the
 reason. A failing example with one of these features is reported as known, not failed; remove
 an entry when its fix lands and the CI slice still passes."""

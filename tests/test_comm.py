@@ -336,6 +336,29 @@ def _check_grad_sync(rec: _Recorder, rank: int, world: int, g: str) -> None:
     rec.true(experts.c.grad is None, "a parameter used nowhere has a gradient")
 
 
+def _check_written_in_place(rec: _Recorder, rank: int, world: int, g: str) -> None:
+    """Outputs are new tensors, never views of a buffer made inside the op: autograd refuses
+    an in-place write into such a view (``y[:, 0] = v`` after a gather of a batch of one)."""
+    calls: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "all_gather dim 1": lambda x: ops.all_gather(x, 1, g),
+        "all_gather dim 0": lambda x: ops.all_gather(x, 0, g),
+        "reduce_scatter dim 1": lambda x: ops.reduce_scatter(x, 1, g),
+        "reduce_scatter dim 0": lambda x: ops.reduce_scatter(x.repeat(world, 1, 1), 0, g),
+        "all_to_all": lambda x: ops.all_to_all(x.repeat(1, world, 1), 1, 2, g),
+        "all_reduce": lambda x: ops.all_reduce(x, g),
+        "scale_grad": lambda x: ops.scale_grad(x, 0.5),
+    }
+    for what, call in calls.items():
+        x = torch.randn(1, 2 * world, 3, dtype=DT, requires_grad=True)
+        out = call(x * 1)
+        rec.true(out._base is None, f"{what}: the output is a view")
+        try:
+            out[:, 0] = out[:, 0] * 2
+            out.sum().backward()
+        except RuntimeError as err:
+            rec.fail(f"{what}: in-place write into the output: {err}")
+
+
 CHECKS: dict[str, Callable[[_Recorder, int, int, str], None]] = {
     "all_to_all": _check_all_to_all,
     "all_gather": _check_all_gather,
@@ -347,6 +370,7 @@ CHECKS: dict[str, Callable[[_Recorder, int, int, str], None]] = {
     "fake_shapes": _check_fake_shapes,
     "compiled": _check_compiled,
     "grad_sync": _check_grad_sync,
+    "written_in_place": _check_written_in_place,
 }
 
 

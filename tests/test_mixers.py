@@ -43,14 +43,7 @@ def test_attention_sinks(world: int, attention: str, families: list[str], strate
                 assert strategy in line and "sinks" in line, (name, line)
 
 
-PADDING_NAN = pytest.mark.xfail(
-    strict=True,
-    reason="a gathered scan's normaliser is sliced with zero padding rows: 0/0 in padding rows "
-    "reaches real rows as NaN * 0 through attention",
-)
-
-
-@pytest.mark.parametrize("name", ["lfm2", pytest.param("scan_gpt", marks=PADDING_NAN)])
+@pytest.mark.parametrize("name", ["lfm2", "scan_gpt"])
 def test_hybrid_mixers_run_exactly(name: str) -> None:
     per_rank = run_ranks(2, table_parity, "MIXER_FAMILIES", [name], [(2, 13)], {})
     for results in per_rank:

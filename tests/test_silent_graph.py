@@ -135,9 +135,7 @@ def mutation_parity(variants: list[str]) -> dict[str, Any]:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                # aot_eager: under the eager backend a slice of a custom op's output written in
-                # place is refused by autograd (view+inplace); AOTAutograd functionalizes it.
-                options = {"backend": "aot_eager"}
+                options = {"backend": BACKEND}
                 (result,) = model_parity(MutatingGPT(variant), [(1, 13)], options)
         except autosp.AutoSPError as err:
             results[variant] = {"error": str(err)}

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -90,16 +90,38 @@ all_to_all.register_autograd(_all_to_all_backward, setup_context=_all_to_all_set
 # --------------------------------------------------------------------------- all_gather
 
 
+def _written_along(
+    like: torch.Tensor, shape: list[int], dim: int, write: Callable[[torch.Tensor], None]
+) -> torch.Tensor:
+    """A new tensor of ``shape`` whose rows along ``dim`` are filled by ``write`` (a collective
+    that fills a contiguous buffer along its first dim). Written in place when that view is
+    contiguous, else staged and copied. Never a view of a buffer made here: autograd refuses
+    in-place writes into a view that a custom op's output is of (``y[:, 0] = v``)."""
+    result = like.new_empty(shape)
+    moved = result.movedim(dim, 0)
+    if moved.is_contiguous():
+        write(moved)
+        return result
+    staged = torch.empty_like(moved, memory_format=torch.contiguous_format)
+    write(staged)
+    result.copy_(staged.movedim(0, dim))
+    return result
+
+
 @torch.library.custom_op("autosp::all_gather", mutates_args=())
 def all_gather(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
     """Concatenate every rank's ``x`` along ``dim`` (all ranks hold the same shape)."""
     _counts["all_gather"] += 1
     pg = _group(group)
+    shape = list(x.shape)
+    shape[dim] *= dist.get_world_size(pg)
     moved = x.movedim(dim, 0).contiguous()
-    out = moved.new_empty((dist.get_world_size(pg) * moved.shape[0], *moved.shape[1:]))
-    with collective("an all_gather", pg):
-        dist.all_gather_into_tensor(out, moved, group=pg)
-    return out.movedim(0, dim).contiguous()
+
+    def run(out: torch.Tensor) -> None:
+        with collective("an all_gather", pg):
+            dist.all_gather_into_tensor(out, moved, group=pg)
+
+    return _written_along(x, shape, dim, run)
 
 
 @all_gather.register_fake
@@ -114,12 +136,15 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
     """Sum ``x`` over ranks and keep this rank's chunk along ``dim``."""
     _counts["reduce_scatter"] += 1
     pg = _group(group)
-    world = dist.get_world_size(pg)
+    shape = list(x.shape)
+    shape[dim] //= dist.get_world_size(pg)
     moved = x.movedim(dim, 0).contiguous()
-    out = moved.new_empty((moved.shape[0] // world, *moved.shape[1:]))
-    with collective("a reduce_scatter", pg):
-        dist.reduce_scatter_tensor(out, moved, group=pg)
-    return out.movedim(0, dim).contiguous()
+
+    def run(out: torch.Tensor) -> None:
+        with collective("a reduce_scatter", pg):
+            dist.reduce_scatter_tensor(out, moved, group=pg)
+
+    return _written_along(x, shape, dim, run)
 
 
 @reduce_scatter.register_fake

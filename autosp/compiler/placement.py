@@ -26,7 +26,10 @@ into two halves; that costs at most ``2P - 1`` padding rows in all.
   (its per-expert counts).
 
 Padding rows only ever reach padding rows: tokens are processed row-wise, attention is causal
-or masks padding keys, and labels of padding rows are ``ignore_index``.
+or masks padding keys, and labels of padding rows are ``ignore_index``. Slicing a replicated
+value fills its padding rows with copies of its last row (not zeros): they stay as finite as
+real rows, since a non-finite padding row would reach real ones as ``0 * nan`` (a masked key's
+value in attention, a weight's gradient).
 
 Gradients follow the dual rule: a shard holds its rows' gradient, a replicated value holds a
 partial gradient (the sum over ranks is the true one), a partial value holds the full one.

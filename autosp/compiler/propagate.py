@@ -245,7 +245,7 @@ class ShardingPass:
                 )
         return self._converted[key]
 
-    def shard(self, node: Node, target: Shard, pad_value: float | bool = 0) -> Node:
+    def shard(self, node: Node, target: Shard, pad_value: float | bool | None = None) -> Node:
         """``node`` held as ``target`` (slicing a replicated value needs no communication)."""
         placement = self.placement(node)
         if placement == target:

@@ -19,14 +19,22 @@ def block_len(seq_len: int, world: int) -> int:
     return 2 * ((seq_len + 2 * world - 1) // (2 * world))
 
 
-def pad_dim(x: torch.Tensor, dim: int, size: int, value: float | bool = 0) -> torch.Tensor:
-    """Pad ``x`` along ``dim`` at the end up to ``size`` with ``value``.
+def pad_dim(
+    x: torch.Tensor, dim: int, size: int, value: float | bool | None = None
+) -> torch.Tensor:
+    """Pad ``x`` along ``dim`` at the end up to ``size`` with ``value``, or with copies of its
+    last row when ``value`` is None (Note [Placements and padding]: padding rows stay as finite
+    as real ones, so ``0 / 0`` never starts there).
 
-    ``F.pad`` with a symbolic width, so a width of 0 (length divisible by P) does not
-    specialise the compiled graph.
+    The width is symbolic, so a width of 0 (length divisible by P) does not specialise the
+    compiled graph.
     """
     dim = dim % x.dim()
-    widths = [0, 0] * (x.dim() - 1 - dim) + [0, size - x.shape[dim]]
+    width = size - x.shape[dim]
+    if value is None:
+        edge = x.narrow(dim, x.shape[dim] - 1, 1)
+        return torch.cat([x, edge.expand([width if d == dim else -1 for d in range(x.dim())])], dim)
+    widths = [0, 0] * (x.dim() - 1 - dim) + [0, width]
     return F.pad(x, widths, value=value)
 
 
@@ -38,12 +46,12 @@ def shard(
     world: int,
     inner: int = 0,
     length: int = 0,
-    pad_value: float | bool = 0,
+    pad_value: float | bool | None = None,
 ) -> torch.Tensor:
     """Replicated full tensor -> this rank's block of rows along ``dim`` (no communication).
 
     A merged dimension (``inner`` > 0) is viewed as ``(outer, seq_len + length, inner)``.
-    Rows past the logical length are filled with ``pad_value``.
+    Rows past the logical length are filled with ``pad_value``, or copies of the last row.
     """
     block = block_len(seq_len, world)
     dim = dim % x.dim()
