@@ -31,6 +31,15 @@ class Config:
     the part from its own rows). Keep it on. DistributedDataParallel must not take its place:
     DDP averages over its group, which would divide these sums by the degree (autosp refuses
     a DDP wrapper). Turn it off only if you sum the gradients over the group yourself."""
+    chunk_loss: bool = True
+    """Compute the language-model head and its cross-entropy over chunks of tokens, so that
+    the ``[tokens, vocab]`` logits never exist whole (Note [Chunked loss] in
+    ``autosp/compiler/chunked_loss.py``); exact. False keeps the model's own computation."""
+    loss_chunk_tokens: int | None = None
+    """Tokens per chunk of the chunked loss; None: as many as make 64 MiB of fp32 logits."""
+    return_logits: bool = False
+    """Whether a forward whose loss is chunked also returns its logits (built whole, by the
+    model's own head). False returns None in their place: a training step reads the loss."""
     bucket_mb: float = 25.0
     """Size of the gradient all-reduce buckets."""
     check_inputs: bool = True
@@ -47,6 +56,10 @@ class Config:
             raise ValueError(
                 f"autosp: attention {self.attention!r} is not one of "
                 f"{', '.join(ATTENTION_STRATEGIES)}"
+            )
+        if self.loss_chunk_tokens is not None and self.loss_chunk_tokens <= 0:
+            raise ValueError(
+                f"autosp: loss_chunk_tokens must be positive, got {self.loss_chunk_tokens}"
             )
         if self.bucket_mb <= 0:
             raise ValueError(f"autosp: bucket_mb must be positive, got {self.bucket_mb}")

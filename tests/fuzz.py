@@ -616,6 +616,7 @@ def evaluate_spec(spec: Spec, group: dist.ProcessGroup, backend: str) -> dict[st
                 attention=spec.attention,
                 load_balance=spec.load_balance,
                 recognise_masks=spec.recognise_masks,
+                return_logits=True,  # compared below; the loss is chunked all the same
             )
             errors = []
             for batch, seq in spec.steps:

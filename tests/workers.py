@@ -84,7 +84,7 @@ def model_parity(
     extra_inputs: Any = None,
 ) -> list[dict]:
     ref = copy.deepcopy(model)
-    parallel = autosp.parallelize(model, **options)
+    parallel = autosp.parallelize(model, **{"return_logits": True, **options})
     rank, world = dist.get_rank(), dist.get_world_size()
     results = []
     for batch, seq in cases:
@@ -114,6 +114,7 @@ def model_parity(
                 "compiles": len(parallel.plans),
                 "gathered_ops": sorted({op for p in parallel.plans for op in p.gathered_ops}),
                 "attention": [line for p in parallel.plans for line in p.attention],
+                "loss_plan": [line for p in parallel.plans for line in p.loss],
             }
         )
         model.zero_grad(set_to_none=True)
@@ -251,6 +252,34 @@ def family_parity(names: list[str], seq: int) -> dict[str, dict]:
         torch.manual_seed(0)
         (result,) = model_parity(factory(), [(1, seq)], {"backend": BACKEND}, extra_inputs)
         results[name] = result
+    return results
+
+
+def chunked_parity(names: list[str], seq: int, options: dict[str, Any]) -> dict[str, dict]:
+    """Loss and gradient errors of FAMILIES / EXTRA models under ``options`` with the logits
+    left to autosp's default (dropped when the loss is chunked), batch 2, with the loss plan
+    and the type of the returned logits."""
+    from tests.models import EXTRA, FAMILIES
+
+    results = {}
+    for name in names:
+        factory, _ = EXTRA.get(name) or (FAMILIES[name], None)
+        torch.manual_seed(0)
+        model = factory()
+        ref = copy.deepcopy(model)
+        parallel = autosp.parallelize(model, backend=BACKEND, **options)
+        ids, labels = make_batch(2, seq, seed=seq)
+        expected = ref(input_ids=ids, labels=labels)
+        expected["loss"].backward()
+        out = parallel(input_ids=ids, labels=labels)
+        out["loss"].backward()
+        results[name] = {
+            "loss_rel_err": abs(out["loss"].item() - expected["loss"].item())
+            / abs(expected["loss"].item()),
+            "grad_rel_err": grad_errors(model, ref),
+            "logits": type(out["logits"]).__name__,
+            "loss_plan": [line for p in parallel.plans for line in p.loss],
+        }
     return results
 
 

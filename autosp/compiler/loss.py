@@ -89,8 +89,16 @@ def mean_loss(
         count = (target != ignore_index).sum()
     else:
         count = runtime.row_mask(losses, *rows).expand(losses.shape).sum()
-    both = ops.all_reduce_loss(torch.stack([losses.double().sum(), count.double()]), group)
-    return (both[0] / both[1]).to(logits.dtype)
+    return global_mean(losses.double().sum(), count, group, logits.dtype)
+
+
+def global_mean(
+    total: torch.Tensor, count: torch.Tensor, group: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """``sum_r total_r / sum_r count_r`` over the group, reduced in fp64 and rounded once to
+    ``dtype``; its gradient reaches each rank's ``total`` as ``grad / count``."""
+    both = ops.all_reduce_loss(torch.stack([total.double(), count.double()]), group)
+    return (both[0] / both[1]).to(dtype)
 
 
 @rule("cross_entropy", "nll_loss")

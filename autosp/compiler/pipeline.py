@@ -20,6 +20,7 @@ import autosp.compiler.attention  # noqa: F401 - registers the attention rules
 import autosp.compiler.random_ops  # noqa: F401 - registers the dropout rule
 import autosp.compiler.routing  # noqa: F401 - registers the token-routing (bag) rules
 import autosp.compiler.rules  # noqa: F401 - registers the per-op rules
+from autosp.compiler.chunked_loss import chunk_loss_pass  # also registers its rule
 from autosp.compiler.context import CompileContext
 from autosp.compiler.eager_attention import fuse_eager_attention_pass
 from autosp.compiler.find_sequence import find_sequence_pass
@@ -34,6 +35,7 @@ ANALYSIS_PASSES: tuple[Pass, ...] = (
     find_sequence_pass,  # the sequence symbols; refuses graphs without attention
     require_loss_pass,  # labels given: a loss must be returned
     recognise_masks_pass,  # causal / structured masks, so none is built S x S
+    chunk_loss_pass,  # lm head + cross-entropy over token chunks: no whole logits
 )
 
 REWRITE_PASSES: tuple[Pass, ...] = (

@@ -30,11 +30,10 @@ def pad_dim(
     compiled graph.
     """
     dim = dim % x.dim()
-    width = size - x.shape[dim]
     if value is None:
-        edge = x.narrow(dim, x.shape[dim] - 1, 1)
-        return torch.cat([x, edge.expand([width if d == dim else -1 for d in range(x.dim())])], dim)
-    widths = [0, 0] * (x.dim() - 1 - dim) + [0, width]
+        rows = torch.arange(size, device=x.device).clamp(max=x.shape[dim] - 1)
+        return x.index_select(dim, rows)
+    widths = [0, 0] * (x.dim() - 1 - dim) + [0, size - x.shape[dim]]
     return F.pad(x, widths, value=value)
 
 
