@@ -69,8 +69,11 @@ def test_pad_dim() -> None:
     out = runtime.pad_dim(x, 0, 5, value=-1.5)
     assert out.shape == (5, 4)
     assert torch.equal(out[:3], x) and torch.equal(out[3:], torch.full((2, 4), -1.5))
-    out = runtime.pad_dim(x, -1, 6)  # no value: copies of the last row (finite like x)
+    leaf = x.clone().requires_grad_()
+    out = runtime.pad_dim(leaf, -1, 6)  # no value: copies of the last row (finite like x)
     assert torch.equal(out, torch.cat([x, x[:, 3:].expand(3, 2)], dim=1))
+    out.sum().backward()  # padding rows pass no gradient to the row they copy
+    assert torch.equal(leaf.grad, torch.ones(3, 4))
     assert torch.equal(runtime.pad_dim(x, 1, 4), x)  # width 0
     mask = torch.zeros(2, 3, dtype=torch.bool)
     padded = runtime.pad_dim(mask, 1, 5, value=True)

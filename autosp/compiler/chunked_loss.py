@@ -70,17 +70,18 @@ def _chunk_terms(
     if softcap:
         tanh = torch.tanh(logits / softcap)
         capped = softcap * tanh
-    lse = torch.logsumexp(capped, dim=-1, keepdim=True)
+    # log_softmax, as F.cross_entropy computes it: the same digits, even for a loss near 0.
+    log_probs = torch.log_softmax(capped, dim=-1)
     valid = target != ignore_index
     index = torch.where(valid, target, 0).unsqueeze(-1)
-    losses = (lse - capped.gather(-1, index)).squeeze(-1)
+    losses = -log_probs.gather(-1, index).squeeze(-1)
     if label_smoothing:
-        uniform = (lse - capped.mean(-1, keepdim=True)).squeeze(-1)
+        uniform = -log_probs.mean(-1)
         losses = (1 - label_smoothing) * losses + label_smoothing * uniform
     total = torch.where(valid, losses, 0.0).double().sum()
     if not grads:
         return total, None
-    grad = torch.exp(capped - lse)
+    grad = log_probs.exp_()
     grad.scatter_add_(-1, index, torch.full_like(index, label_smoothing - 1, dtype=grad.dtype))
     if label_smoothing:
         grad -= label_smoothing / grad.shape[-1]

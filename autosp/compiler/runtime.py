@@ -24,15 +24,17 @@ def pad_dim(
 ) -> torch.Tensor:
     """Pad ``x`` along ``dim`` at the end up to ``size`` with ``value``, or with copies of its
     last row when ``value`` is None (Note [Placements and padding]: padding rows stay as finite
-    as real ones, so ``0 / 0`` never starts there).
+    as real ones, so ``0 / 0`` never starts there); padding rows pass no gradient back.
 
     The width is symbolic, so a width of 0 (length divisible by P) does not specialise the
     compiled graph.
     """
     dim = dim % x.dim()
     if value is None:
-        rows = torch.arange(size, device=x.device).clamp(max=x.shape[dim] - 1)
-        return x.index_select(dim, rows)
+        rows = torch.arange(size, device=x.device)
+        copied = x.index_select(dim, rows.clamp(max=x.shape[dim] - 1))
+        real = (rows < x.shape[dim]).view([-1 if d == dim else 1 for d in range(x.dim())])
+        return torch.where(real, copied, copied.detach())  # no gradient from padding rows
     widths = [0, 0] * (x.dim() - 1 - dim) + [0, size - x.shape[dim]]
     return F.pad(x, widths, value=value)
 
