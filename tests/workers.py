@@ -284,6 +284,23 @@ def chunked_parity(names: list[str], seq: int, options: dict[str, Any]) -> dict[
     return results
 
 
+def checkpointed_parity(name: str, backend: str) -> dict[str, Any]:
+    """``model_parity`` of a FAMILIES model with Hugging Face's gradient checkpointing on,
+    with autosp's warnings."""
+    import warnings
+
+    from tests.models import FAMILIES
+
+    torch.manual_seed(0)
+    model = FAMILIES[name]()
+    model.gradient_checkpointing_enable()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (result,) = model_parity(model, [(2, 13)], {"backend": backend})
+    result["warnings"] = [str(w.message) for w in caught if "autosp" in str(w.message)]
+    return result
+
+
 def mesh_parity() -> list[dict]:
     """``parity`` with the group given as a 1-D DeviceMesh."""
     from torch.distributed.device_mesh import init_device_mesh

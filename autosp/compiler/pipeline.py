@@ -20,6 +20,7 @@ import autosp.compiler.attention  # noqa: F401 - registers the attention rules
 import autosp.compiler.random_ops  # noqa: F401 - registers the dropout rule
 import autosp.compiler.routing  # noqa: F401 - registers the token-routing (bag) rules
 import autosp.compiler.rules  # noqa: F401 - registers the per-op rules
+from autosp.compiler.checkpoints import inline_checkpoints_pass
 from autosp.compiler.chunked_loss import chunk_loss_pass  # also registers its rule
 from autosp.compiler.context import CompileContext
 from autosp.compiler.eager_attention import fuse_eager_attention_pass
@@ -31,6 +32,7 @@ from autosp.compiler.propagate import shard_sequence_pass
 Pass = Callable[[GraphModule, CompileContext], GraphModule]
 
 ANALYSIS_PASSES: tuple[Pass, ...] = (
+    inline_checkpoints_pass,  # checkpointed regions -> the graph, tagged for recomputation
     fuse_eager_attention_pass,  # written-out attention -> one attention call
     find_sequence_pass,  # the sequence symbols; refuses graphs without attention
     require_loss_pass,  # labels given: a loss must be returned
