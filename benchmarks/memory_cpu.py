@@ -34,7 +34,10 @@ WORLD = 2
 CONFIGS: dict[str, dict[str, Any]] = {
     "whole logits (chunk_loss=False)": {"chunk_loss": False},
     "defaults (chunked loss)": {},
+    "defaults + HF gradient checkpointing": {"hf_checkpointing": True},
 }
+"""autosp options per configuration; ``hf_checkpointing`` calls the model's
+``gradient_checkpointing_enable()`` first."""
 
 
 class PeakRSS:
@@ -90,6 +93,9 @@ def _run(rank: int, port: int, options: dict, seq: int, steps: int, queue: Any) 
 
     torch.manual_seed(0)
     model = _model()
+    options = dict(options)
+    if options.pop("hf_checkpointing", False):
+        model.gradient_checkpointing_enable()
     parallel = autosp.parallelize(model, backend="inductor", **options)
     ids = torch.randint(0, 32000, (1, seq), generator=torch.Generator().manual_seed(1))
     times, growth, losses = [], [], []

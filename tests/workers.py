@@ -165,9 +165,13 @@ def call_model(factory: str, kwargs: dict[str, Any], options: dict[str, Any]) ->
     parallel(input_ids=ids, labels=labels)
 
 
-def count_step(family: str) -> list[dict[str, int]]:
-    """Collectives of two training steps (the first also checks the inputs)."""
-    parallel = autosp.parallelize(build(family), backend="aot_eager")
+def count_step(family: str, checkpointed: bool = False) -> list[dict[str, int]]:
+    """Collectives of two training steps (the first also checks the inputs), with Hugging
+    Face's gradient checkpointing on if ``checkpointed``."""
+    model = build(family)
+    if checkpointed:
+        model.gradient_checkpointing_enable()
+    parallel = autosp.parallelize(model, backend="aot_eager")
     counts = []
     for seed in (1, 2):
         ids, labels = make_batch(1, 16, seed=seed)
