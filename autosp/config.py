@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 ATTENTION_STRATEGIES = ("auto", "ulysses", "ring", "hybrid")
+RECOMPUTE_POLICIES = ("off", "cheap", "layers")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -40,6 +41,12 @@ class Config:
     return_logits: bool = False
     """Whether a forward whose loss is chunked also returns its logits (built whole, by the
     model's own head). False returns None in their place: a training step reads the loss."""
+    recompute: str = "off"
+    """What the backward recomputes (Note [Sequence-aware recomputation] in
+    ``autosp/compiler/recompute.py``): ``"off"`` (what the model and the compiler choose),
+    ``"cheap"`` (inside each layer everything but attention, collectives and matmuls) or
+    ``"layers"`` (each layer from its input, attention and collectives kept). Needs an
+    AOTAutograd backend (``"inductor"``, ``"aot_eager"``); values never change."""
     bucket_mb: float = 25.0
     """Size of the gradient all-reduce buckets."""
     check_inputs: bool = True
@@ -56,6 +63,11 @@ class Config:
             raise ValueError(
                 f"autosp: attention {self.attention!r} is not one of "
                 f"{', '.join(ATTENTION_STRATEGIES)}"
+            )
+        if self.recompute not in RECOMPUTE_POLICIES:
+            raise ValueError(
+                f"autosp: recompute {self.recompute!r} is not one of "
+                f"{', '.join(RECOMPUTE_POLICIES)}"
             )
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens <= 0:
             raise ValueError(

@@ -35,6 +35,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "whole logits (chunk_loss=False)": {"chunk_loss": False},
     "defaults (chunked loss)": {},
     "defaults + HF gradient checkpointing": {"hf_checkpointing": True},
+    "defaults + recompute='cheap'": {"recompute": "cheap"},
+    "defaults + recompute='layers'": {"recompute": "layers"},
 }
 """autosp options per configuration; ``hf_checkpointing`` calls the model's
 ``gradient_checkpointing_enable()`` first."""

@@ -305,6 +305,34 @@ def checkpointed_parity(name: str, backend: str) -> dict[str, Any]:
     return result
 
 
+def recompute_step(family: str, recompute: str) -> dict[str, Any]:
+    """One training step under ``Config.recompute``: parity with one process, the bytes the
+    forward saved for the backward, the backward's collectives and the recompute plan."""
+    model = build(family)
+    ref = copy.deepcopy(model)
+    parallel = autosp.parallelize(model, backend="aot_eager", recompute=recompute)
+    ids, labels = make_batch(2, 32, seed=3)
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = parallel(input_ids=ids, labels=labels)["loss"]
+    with autosp.count_collectives() as backward:
+        loss.backward()
+    expected = ref(input_ids=ids, labels=labels)["loss"]
+    expected.backward()
+    return {
+        "loss_rel_err": abs(loss.item() - expected.item()) / abs(expected.item()),
+        "grad_rel_err": grad_errors(model, ref),
+        "saved_bytes": sum(saved),
+        "backward": dict(backward),
+        "plan": [line for p in parallel.plans for line in p.recompute],
+    }
+
+
 def mesh_parity() -> list[dict]:
     """``parity`` with the group given as a 1-D DeviceMesh."""
     from torch.distributed.device_mesh import init_device_mesh

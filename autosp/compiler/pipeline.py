@@ -28,6 +28,7 @@ from autosp.compiler.find_sequence import find_sequence_pass
 from autosp.compiler.loss import require_loss_pass  # also registers the loss rules
 from autosp.compiler.masks import recognise_masks_pass
 from autosp.compiler.propagate import shard_sequence_pass
+from autosp.compiler.recompute import tag_recompute_pass
 
 Pass = Callable[[GraphModule, CompileContext], GraphModule]
 
@@ -42,6 +43,7 @@ ANALYSIS_PASSES: tuple[Pass, ...] = (
 
 REWRITE_PASSES: tuple[Pass, ...] = (
     shard_sequence_pass,  # per-op placements -> the rank-local graph
+    tag_recompute_pass,  # what the backward recomputes, for the partitioner
 )
 
 

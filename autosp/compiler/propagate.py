@@ -59,6 +59,7 @@ class Plan:
     attention: list[str] = field(default_factory=list)
     gathered_ops: list[str] = field(default_factory=list)
     loss: list[str] = field(default_factory=list)
+    recompute: list[str] = field(default_factory=list)
 
 
 class UnsupportedOp(Exception):
@@ -122,6 +123,9 @@ class ShardingPass:
         self.seq_len: Node | None = None
         self._block_len: Node | None = None
         self.plan = Plan()
+        self.current: Node | None = None
+        """The node of the source graph being rewritten: the nodes made for it carry its
+        module stack (``recompute.layer_of``)."""
 
     # ------------------------------------------------------------------ entry point
     def run(self) -> tuple[GraphModule, Plan]:
@@ -141,6 +145,7 @@ class ShardingPass:
                 self.env[node] = self.graph.node_copy(node, lambda n: self.env[n])
                 self.placements[node] = REPLICATE
             else:
+                self.current = node
                 apply_rule(self, node)
                 settle_writes(self, node, aliases)
         self.graph.eliminate_dead_code(is_impure_node=writes_in_place)
@@ -185,7 +190,10 @@ class ShardingPass:
         """Emit ``fn(*args, **kwargs)``; scalar values of the source graph (a ``SymFloat``
         scale, a ``SymInt`` size) are mapped to their local nodes."""
         args, kwargs = map_arg((args, kwargs), self._own)
-        return self.graph.call_function(fn, args, kwargs)
+        new = self.graph.call_function(fn, args, kwargs)
+        if self.current is not None and "nn_module_stack" in self.current.meta:
+            new.meta["nn_module_stack"] = self.current.meta["nn_module_stack"]
+        return new
 
     def _own(self, node: Node) -> Node:
         if node.graph is self.graph:
