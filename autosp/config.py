@@ -41,12 +41,13 @@ class Config:
     return_logits: bool = False
     """Whether a forward whose loss is chunked also returns its logits (built whole, by the
     model's own head). False returns None in their place: a training step reads the loss."""
-    recompute: str = "off"
+    recompute: str = "cheap"
     """What the backward recomputes (Note [Sequence-aware recomputation] in
-    ``autosp/compiler/recompute.py``): ``"off"`` (what the model and the compiler choose),
-    ``"cheap"`` (inside each layer everything but attention, collectives and matmuls) or
-    ``"layers"`` (each layer from its input, attention and collectives kept). Needs an
-    AOTAutograd backend (``"inductor"``, ``"aot_eager"``); values never change."""
+    ``autosp/compiler/recompute.py``): ``"cheap"`` (inside each layer everything but
+    attention, collectives and matmuls), ``"layers"`` (each layer from its input, attention
+    and collectives kept) or ``"off"`` (what the model's own checkpointing and the compiler
+    choose). Takes effect with an AOTAutograd backend (``"inductor"``, ``"aot_eager"``);
+    values never change."""
     bucket_mb: float = 25.0
     """Size of the gradient all-reduce buckets."""
     check_inputs: bool = True

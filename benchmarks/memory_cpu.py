@@ -32,11 +32,14 @@ import torch.multiprocessing as mp
 
 WORLD = 2
 CONFIGS: dict[str, dict[str, Any]] = {
-    "whole logits (chunk_loss=False)": {"chunk_loss": False},
-    "defaults (chunked loss)": {},
-    "defaults + HF gradient checkpointing": {"hf_checkpointing": True},
-    "defaults + recompute='cheap'": {"recompute": "cheap"},
-    "defaults + recompute='layers'": {"recompute": "layers"},
+    "whole logits (chunk_loss=False, recompute='off')": {"chunk_loss": False, "recompute": "off"},
+    "chunked loss (recompute='off')": {"recompute": "off"},
+    "chunked loss + HF gradient checkpointing (recompute='off')": {
+        "hf_checkpointing": True,
+        "recompute": "off",
+    },
+    "defaults (chunked loss, recompute='cheap')": {},
+    "chunked loss + recompute='layers'": {"recompute": "layers"},
 }
 """autosp options per configuration; ``hf_checkpointing`` calls the model's
 ``gradient_checkpointing_enable()`` first."""
