@@ -49,11 +49,19 @@ FOUND = {
     " mask='window', mask_dtype='float', window=1, pos_emb='rope', norm='rms', mlp='dense',"
     " mixer='conv1d', layout='seq_first', reduction='sum', output='tensor', steps=((2, 19),),"
     " seed=10383)": "gathered",
+    "Spec(attn_impl='eager_fill', mask='padding', mask_dtype='float', gqa='repeat_interleave',"
+    " world=3, steps=((2, 11),))": "exact",
+    "Spec(world=4, attention='ring', load_balance=False, recognise_masks=False, heads=3,"
+    " kv_heads=1, head_dim=12, layers=2, gqa='expand', causal=False, mask='documents',"
+    " mask_dtype='float', norm='rms_manual', mlp='moe', experts=4, top_k=4, tie=True,"
+    " layout='seq_first', shift='none', reduction='sum', steps=((3, 11),), seed=65536)": "exact",
 }
 """Examples a longer run found, and what each must be now: a MoE router's gates
-(``scatter`` along the experts, once gathered) and a one-token window (the query weights' gradient
+(``scatter`` along the experts, once gathered); a one-token window (the query weights' gradient
 is zero: only rounding noise is left, which ``grad_errors`` must not call a mismatch; the conv
-mixer's padding is gathered)."""
+mixer's padding is gathered); nanoGPT's ``masked_fill(hidden, -inf)`` attention (refused as "no
+attention found"); a loss near 0 (a tied head predicting its own input) through the chunked
+loss, whose log-sum-exp once lost the loss's digits."""
 
 
 def test_found_examples() -> None:

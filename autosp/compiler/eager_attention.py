@@ -3,7 +3,8 @@
 Hugging Face's "eager" attention (and many hand-written models) computes::
 
     scores = matmul(q, k.transpose(-2, -1)) * scale     # or / sqrt(d), or no scale
-    scores = scores + mask                               # optional additive mask
+    scores = scores + mask                               # optional additive mask, or
+    scores = scores.masked_fill(hidden, -inf)            # nanoGPT: the hidden positions
     probs  = softmax(scores, dim=-1, dtype=float32).to(q.dtype)
     probs  = dropout(probs, p)                           # optional
     out    = matmul(probs, v)
@@ -20,11 +21,15 @@ added after the mask) are left as they are.
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from autosp.compiler.args import arguments
 from autosp.compiler.attention.reference import softcapped_attention
 from autosp.compiler.context import CompileContext
 from autosp.compiler.mutation import writes_in_place
@@ -70,10 +75,26 @@ def _match_softcap(node: Node) -> tuple[Node, float] | None:
     return divided.args[0], cap
 
 
-def _match_scores(node: Node) -> tuple[Node, Node, float, Node | None, float] | None:
+@dataclass(frozen=True)
+class Hidden:
+    """A boolean mask of the positions a ``masked_fill(..., -inf)`` hides."""
+
+    positions: Node
+
+
+def _match_scores(node: Node) -> tuple[Node, Node, float, Any, float] | None:
     """(q, k, scale, mask, softcap) if ``node`` computes
-    ``[softcap *tanh(] q @ k^T * scale [/ softcap)] (+ mask)``."""
+    ``[softcap *tanh(] q @ k^T * scale [/ softcap)] (+ mask | .masked_fill(hidden, -inf))``;
+    a mask given as the hidden positions is returned as ``Hidden(hidden)``."""
     node = _skip_casts(node)
+    if op_name(node) == "masked_fill":
+        found = arguments(node) or {}
+        scores, hidden, value = found.get("input"), found.get("mask"), found.get("value")
+        inner = _match_scores(scores) if isinstance(scores, Node) else None
+        is_bool = isinstance(hidden, Node) and getattr(meta(hidden), "dtype", None) == torch.bool
+        if inner is None or inner[3] is not None or not is_bool or _constant(value) != -math.inf:
+            return None
+        return inner[0], inner[1], inner[2], Hidden(hidden), inner[4]
     if op_name(node) == "add":
         left, right = node.args[:2]
         for scores, mask in ((left, right), (right, left)):
@@ -178,6 +199,11 @@ def fuse_eager_attention_pass(gm: GraphModule, ctx: CompileContext) -> GraphModu
         query, key, scale, mask, softcap = match
         if meta(query).dim() < 3 or meta(query).dtype != meta(node).dtype:
             continue
+        if isinstance(mask, Hidden):  # nanoGPT's masked_fill: SDPA takes what is attended
+            with gm.graph.inserting_before(node):
+                hidden = mask.positions
+                mask = gm.graph.call_function(torch.logical_not, (hidden,))
+            mask.meta["example_value"] = torch.logical_not(meta(hidden))
         kwargs = {"attn_mask": mask, "dropout_p": dropout_p, "scale": scale}
         target = F.scaled_dot_product_attention
         if softcap or sinks is not None:
