@@ -87,10 +87,11 @@ def tag_recompute_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
             else CheckpointPolicy.PREFER_RECOMPUTE
         )
     if ctx.plan is not None and regions:
-        ctx.plan.recompute.append(
-            f"{policy}: {len(regions)} layers recomputed in the backward from their inputs; "
-            "attention, collectives, random ops"
-            + (" and matmuls" if policy == "cheap" else "")
-            + " saved"
-        )
+        if policy == "cheap":
+            what = "norms, activations and elementwise ops recomputed in the backward; "
+            kept = "attention, collectives, random ops and matmuls saved"
+        else:
+            what = "layers recomputed in the backward from their inputs; "
+            kept = "attention, collectives and random ops saved"
+        ctx.plan.recompute.append(f"{policy}: {len(regions)} {what}{kept}")
     return gm
