@@ -46,7 +46,7 @@ def bf16_errors(cases: list[tuple[str, dict[str, Any]]], batch: int, seq: int) -
         torch.manual_seed(0)
         model = factory().to(torch.bfloat16)
         reference, single = copy.deepcopy(model).double(), copy.deepcopy(model)
-        parallel = autosp.parallelize(model, backend=BACKEND, **options)
+        parallel = autosp.parallelize(model, **{"backend": BACKEND, **options})
         ids, labels = make_batch(batch, seq, seed=seq)
         losses = {}
         for key, module in (("ref", reference), ("single", single), ("autosp", parallel)):
@@ -63,7 +63,7 @@ def bf16_errors(cases: list[tuple[str, dict[str, Any]]], batch: int, seq: int) -
         )
         for (param, p), s, r in params:
             errors[param] = (_rel(p.grad, r.grad), _rel(s.grad, r.grad))
-        results[name] = {
+        results[f"{name} {options}"] = {
             "errors": errors,
             "dtype": str(next(model.parameters()).grad.dtype),
             "gathered": sorted({op for plan in parallel.plans for op in plan.gathered_ops}),
@@ -85,8 +85,18 @@ def _check(results: dict[str, Any], strategy: str) -> None:
 @pytest.mark.parametrize(
     ("world", "cases", "strategy"),
     [
-        # Ulysses (4 heads over 2 ranks), and a sliding window (blockwise attention).
-        (2, [("llama", {}), ("mistral_sliding_window", {})], "ulysses"),
+        # Ulysses (4 heads over 2 ranks), and a sliding window (blockwise attention); the
+        # memory options off and on: the model's own head and loss, whole layers recomputed.
+        (
+            2,
+            [
+                ("llama", {}),
+                ("mistral_sliding_window", {}),
+                ("llama", {"chunk_loss": False}),
+                ("llama", {"backend": "aot_eager", "recompute": "layers"}),
+            ],
+            "ulysses",
+        ),
         # Ring attention over 3 ranks, causal (zigzag) and with a sliding window.
         (
             3,
