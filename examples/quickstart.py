@@ -32,7 +32,9 @@ if rank == 0:  # single-process reference on a copy, before parallelize
     ref.loss.backward()
 
 params = dict(model.named_parameters())
-model = autosp.parallelize(model, backend="inductor")
+# return_logits=True: compare the logits too (by default a step that computes its loss from
+# the logits returns None for them; they are never built whole, see the README's Loss section).
+model = autosp.parallelize(model, backend="inductor", return_logits=True)
 out = model(input_ids=ids, labels=ids)  # every rank passes the full batch
 out.loss.backward()  # gradients come back summed over the SP group
 logits = autosp.gather_sequence(out.logits)  # each rank holds a sequence shard of the logits
