@@ -196,23 +196,6 @@ def sharded_mean(
     return global_mean(total, (target != ignore_index).sum(), group, torch.float32)
 
 
-def sharded_sum(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    softcap: float,
-    chunk: int,
-    grads: bool,
-) -> torch.Tensor:
-    """This rank's term of the summed loss."""
-    total, _, _ = linear_cross_entropy_op(
-        hidden, weight, target, ignore_index, label_smoothing, softcap, chunk, grads
-    )
-    return total.float()
-
-
 @rule("linear_cross_entropy")
 def shard_linear_cross_entropy(sp: ShardingPass, node: Node) -> None:
     """Each rank runs its rows; a mean reduces sum and count over ranks."""
@@ -227,21 +210,17 @@ def shard_linear_cross_entropy(sp: ShardingPass, node: Node) -> None:
     if not any(d.dim == 0 and d.length == placement.length for d in sp.seq_dims(target)):
         raise UnsupportedOp("the labels are not aligned with the hidden rows")
     local_target = sp.shard(target, placement, pad_value=args["ignore_index"])
-    local = (
-        sp.env[hidden],
-        sp.env[args["weight"]],
-        local_target,
-        args["ignore_index"],
-        args["label_smoothing"],
-        args["softcap"],
-        args["chunk"],
-        args["grads"],
-    )
+    local = {
+        "hidden": sp.env[hidden],
+        "weight": sp.env[args["weight"]],
+        "target": local_target,
+        **{k: args[k] for k in ("ignore_index", "label_smoothing", "softcap", "chunk", "grads")},
+    }
     if args["reduction"] == "mean":
-        sp.env[node] = sp.call(sharded_mean, *local, sp.name)
+        sp.env[node] = sp.call(sharded_mean, **local, group=sp.name)
         sp.placements[node] = Replicate(loss_grad=True)
-    else:
-        sp.env[node] = sp.call(sharded_sum, *local)
+    else:  # this rank's term of the sum
+        sp.env[node] = sp.call(linear_cross_entropy, **local, reduction="sum")
         sp.placements[node] = Partial()
     sp.plan.loss.append(
         f"{node.name}: chunked linear + cross_entropy (reduction={args['reduction']}, "

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 from torch.fx import GraphModule, Node
 from torch.utils.checkpoint import CheckpointPolicy
 
@@ -56,12 +55,9 @@ def layer_of(node: Node) -> str | None:
 
 
 def _saved(node: Node, policy: str) -> bool:
-    target = node.target
-    module = getattr(target, "__module__", "") or ""
-    if isinstance(target, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
-        module = "autosp.comm" if str(target).startswith("autosp.") else ""
-    if module.startswith(SAVED_MODULES) or str(target).startswith("autosp."):
-        return True
+    module = getattr(node.target, "__module__", "") or ""
+    if module.startswith(SAVED_MODULES) or str(node.target).startswith("autosp."):
+        return True  # autosp's functions and its custom ops (torch.ops.autosp.*)
     name = op_name(node)
     return name in RANDOM or (policy == "cheap" and name in MATMULS)
 
