@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from autosp.comm.faults import InputCheck, host_channel_for
@@ -85,6 +86,7 @@ class SequenceParallel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         refuse_ddp_around(self.group, self.config)
+        refuse_unmanaged_fsdp(self)
         self._state.seq_len = mark_sequence(args, kwargs)
         self._state.label_inputs = label_inputs(args, kwargs)
         if self._input_check is not None:
@@ -164,6 +166,32 @@ def refuse_ddp_around(group: dist.ProcessGroup, config: Config) -> None:
     )
 
 
+def refuse_fsdp_inside(model: nn.Module) -> None:
+    """Refuse a model with ``fully_shard`` applied inside it: its hooks would run inside
+    autosp's compiled graph, where Dynamo skips them (Note [FSDP2 around autosp])."""
+    inner = [name or "the model" for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+    if inner:
+        raise AutoSPError(
+            f"autosp: fully_shard() was applied to {', '.join(inner[:3])} before autosp. "
+            "autosp compiles the whole forward as one graph, and FSDP's per-module hooks "
+            "inside it would not gather the parameters. Apply no fully_shard yourself: call "
+            "autosp.integrations.fsdp.shard(model, mesh) on the plain model."
+        )
+
+
+def refuse_unmanaged_fsdp(module: SequenceParallel) -> None:
+    """Refuse ``fully_shard(autosp.parallelize(model))`` done by hand: FSDP would average the
+    partial gradients over every rank (dividing the sum over ``sp`` by the degree) and
+    ``sync_grads``' hooks sit on the parameters FSDP replaced."""
+    if isinstance(module, FSDPModule) and not getattr(module, "_autosp_fsdp", False):
+        raise AutoSPError(
+            "autosp: fully_shard() was applied to the parallelized model by hand. FSDP "
+            "averages gradients over all its ranks, but the sequence-parallel ranks' partial "
+            "gradients must be summed: the result would be off by the degree. Call "
+            "autosp.integrations.fsdp.shard(model, mesh) on the plain model instead."
+        )
+
+
 def label_inputs(args: tuple, kwargs: dict) -> frozenset[str]:
     """The names (as ``named_tensors`` gives them) under which the call passes its ``labels=``
     tensor: ``labels``, and every other argument that is the same tensor (``labels=input_ids``
@@ -240,5 +268,6 @@ def parallelize(
             "data parallelism across sequence-parallel groups, average the gradients over the "
             "data-parallel group after backward."
         )
+    refuse_fsdp_inside(model)
     config = config or Config(**options)
     return SequenceParallel(model, resolve_group(group), config)
