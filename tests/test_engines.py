@@ -1,0 +1,91 @@
+"""FSDP2 and DeepSpeed ZeRO around autosp on a dp 2 x sp 2 mesh (4 gloo ranks): updated
+parameters equal one process training on the concatenated batch; refused combinations."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.engine_workers import (
+    deepspeed_steps,
+    fsdp_checkpoint,
+    fsdp_mixed_precision,
+    fsdp_steps,
+    refusals,
+)
+from tests.multirank import run_ranks
+
+WORLD, SP = 4, 2
+LOSS_TOL = 1e-5
+PARAM_TOL = 1e-5  # fp32 parameters after AdamW steps (measured ~3e-6)
+SGD_TOL = 1e-6  # SGD's update is linear in the gradient: no amplification (measured ~5e-8)
+BF16_TOL = 2e-2  # bf16 parameters in forward and backward, fp32 reduction
+FP32_NOISE = 1e-5
+STATE_TOL = 0.0  # a state dict round trip copies values
+
+
+def check_history(per_rank: list[list[dict]], steps: int, tol: float) -> None:
+    for history in per_rank:
+        assert len(history) == steps
+        for step, record in enumerate(history):
+            assert abs(record["loss"] - record["ref"]) / record["ref"] <= LOSS_TOL, (step, record)
+            assert record["param_rel_err"] <= tol, (step, record)
+    assert all(h == per_rank[0] for h in per_rank), "ranks disagree"
+
+
+def test_fsdp2_adamw_steps_match_single_process() -> None:
+    """Five AdamW steps, parameters sharded over all 4 ranks, compared step by step."""
+    check_history(run_ranks(WORLD, fsdp_steps, SP, 5), 5, PARAM_TOL)
+
+
+def test_fsdp2_mixed_precision() -> None:
+    for result in run_ranks(WORLD, fsdp_mixed_precision, SP):
+        assert result["grad_dtypes"] == ["torch.float32"]  # reduce_dtype
+        assert result["loss_rel_err"] <= BF16_TOL, result
+        # bf16 really ran (fp32 gives ~3e-7); a reduction off by the degree would give >= 0.5.
+        assert FP32_NOISE < result["worst_grad_rel_err"] <= BF16_TOL, result
+
+
+def test_fsdp2_checkpoint_round_trip() -> None:
+    for result in run_ranks(WORLD, fsdp_checkpoint, SP):
+        assert result["keys_match"]
+        assert result["to_plain_max_err"] <= STATE_TOL
+        assert result["to_sharded_max_err"] <= STATE_TOL
+        assert result["loss_rel_err"] <= LOSS_TOL, result
+
+
+def test_zero1_adamw_steps_match_single_process() -> None:
+    check_history(run_ranks(WORLD, deepspeed_steps, 1, SP, 2), 2, PARAM_TOL)
+
+
+def test_zero2_clipped_steps_match_single_process() -> None:
+    """ZeRO-2 with DeepSpeed's gradient clipping at 1.0: the global norm DeepSpeed computes
+    over its partitions equals one process's, and so do the clipped updates (SGD)."""
+    per_rank = run_ranks(WORLD, deepspeed_steps, 2, SP, 2, 1.0, "sgd")
+    check_history(per_rank, 2, SGD_TOL)
+    for record in per_rank[0]:
+        assert record["ref_norm"] > 1.0, "the clip did not act"
+        assert abs(record["norm"] - record["ref_norm"]) / record["ref_norm"] <= LOSS_TOL
+
+
+REFUSALS = {
+    ("fsdp", "fully_shard_inside"): "before autosp",
+    ("fsdp", "fully_shard_by_hand"): "autosp.integrations.fsdp.shard(model, mesh)",
+    ("fsdp", "sync_grads"): "Leave sync_grads out",
+    ("fsdp", "parallelized"): "Pass the plain model",
+    ("deepspeed", "no_section"): '"autosp": {"sp_size": 2}',
+    ("deepspeed", "sp_not_dividing"): "Choose sp among [1, 2, 4]",
+    ("deepspeed", "own_sequence_parallel"): "Remove 'sequence_parallel_size'",
+    ("deepspeed", "sync_grads"): "'sync_grads' is set by autosp",
+    ("deepspeed", "stage3"): "Use ZeRO stage 1 or 2",
+    ("deepspeed", "mpu"): "Remove mpu=",
+}
+
+
+@pytest.fixture(scope="module")
+def refusal_texts() -> dict[str, str]:
+    return run_ranks(WORLD, refusals, list(REFUSALS))[0]
+
+
+@pytest.mark.parametrize(("engine", "case"), list(REFUSALS))
+def test_refused(refusal_texts: dict[str, str], engine: str, case: str) -> None:
+    assert REFUSALS[engine, case] in refusal_texts[f"{engine}/{case}"]
