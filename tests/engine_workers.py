@@ -199,7 +199,8 @@ def fsdp_mixed_precision(sp: int) -> dict[str, Any]:
 
 def fsdp_checkpoint(sp: int) -> dict[str, Any]:
     """Full state dicts across layouts (torch.distributed.checkpoint.state_dict): the sharded
-    model's loads into a plain model, a plain model's loads into the sharded one."""
+    model's loads into a plain model, a plain model's loads into the sharded one (through
+    ``sharded.module``, whose names are the plain model's)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -212,12 +213,12 @@ def fsdp_checkpoint(sp: int) -> dict[str, Any]:
     sharded = fsdp.shard(build("llama", seed=0), mesh, backend=BACKEND)
     full = StateDictOptions(full_state_dict=True)
     plain = build("llama", seed=5)
-    plain.load_state_dict(get_model_state_dict(sharded, options=full))
+    plain.load_state_dict(get_model_state_dict(sharded.module, options=full))
     saved = build("llama", seed=0).state_dict()
     to_plain = max((plain.state_dict()[k] - v).abs().max().item() for k, v in saved.items())
     other = build("llama", seed=7)
-    set_model_state_dict(sharded, other.state_dict(), options=full)
-    back = get_model_state_dict(sharded, options=full)
+    set_model_state_dict(sharded.module, other.state_dict(), options=full)
+    back = get_model_state_dict(sharded.module, options=full)
     to_sharded = max((back[k] - v).abs().max().item() for k, v in other.state_dict().items())
     ids = global_batch(mesh["dp"].size(), 0)
     mine = split_batch(ids, mesh)
