@@ -168,13 +168,15 @@ def refuse_ddp_around(group: dist.ProcessGroup, config: Config) -> None:
 
 def refuse_fsdp_inside(model: nn.Module) -> None:
     """Refuse a model with ``fully_shard`` applied inside it: its hooks would run inside
-    autosp's compiled graph, where Dynamo skips them (Note [FSDP2 around autosp])."""
+    autosp's one compiled graph, which Dynamo cannot trace through them (Note [FSDP2 around
+    autosp] in ``autosp/integrations/fsdp.py``)."""
     inner = [name or "the model" for name, m in model.named_modules() if isinstance(m, FSDPModule)]
     if inner:
         raise AutoSPError(
             f"autosp: fully_shard() was applied to {', '.join(inner[:3])} before autosp. "
             "autosp compiles the whole forward as one graph, and FSDP's per-module hooks "
-            "inside it would not gather the parameters. Apply no fully_shard yourself: call "
+            "inside it break that graph (Dynamo does not trace them). Apply no fully_shard "
+            "yourself: call "
             "autosp.integrations.fsdp.shard(model, mesh) on the plain model."
         )
 
@@ -256,7 +258,8 @@ def parallelize(
 
     Raises:
         AutoSPError: torch.distributed is not initialised, the group is not 1-D, or
-            ``model`` is a DistributedDataParallel module.
+            ``model`` is a DistributedDataParallel module or has ``fully_shard`` applied
+            inside (use ``autosp.integrations.fsdp.shard``).
     """
     if config is not None and options:
         raise TypeError("autosp: pass either config= or keyword options, not both")

@@ -16,8 +16,12 @@ Note [DeepSpeed around autosp]
     group and divides by ``seq_dp / sp = dp``: the sum over ``sp`` of the mean over ``dp``,
     which is exact. The batch size DeepSpeed checks counts ``dp`` data-parallel ranks.
 
-    ZeRO-3 gathers each module's parameters in forward hooks on that module; inside autosp's
-    one compiled graph those hooks cannot run, so stage 3 is refused (see ``_refuse_stage``).
+    ZeRO-3 gathers each module's parameters in hooks around that module's forward. Inside
+    autosp's one compiled graph such hooks break the graph (FSDP2's per-layer hooks do, checked
+    on torch 2.13), and DeepSpeed 0.19.8's ZeRO-3 fails on the first forward of the wrapped
+    model (its module bookkeeping does not cover the ``torch.compile`` module autosp holds):
+    stage 3 is refused (``_refuse_stage``); FSDP2 (``autosp.integrations.fsdp``) shards the
+    parameters instead.
 """
 
 from __future__ import annotations
@@ -199,8 +203,8 @@ def _refuse_stage(ds_config: dict[str, Any]) -> None:
     if stage == 3:
         raise AutoSPError(
             "autosp: ZeRO stage 3 is not supported with autosp yet. ZeRO-3 gathers each "
-            "module's parameters in forward and backward hooks on that module, and autosp runs "
-            "the whole forward as one compiled graph in which those hooks cannot gather. Use "
+            "module's parameters in hooks around that module's forward and backward, and "
+            "autosp runs the whole forward as one compiled graph, which such hooks break. Use "
             "ZeRO stage 1 or 2 (optimizer state and gradients sharded over dp x sp), or "
             "FSDP2 with autosp.integrations.fsdp.shard() to shard the parameters too."
         )

@@ -13,9 +13,10 @@ Note [FSDP2 around autosp]
                                       backward: -> reduce-scatter (SUM / dp) every gradient
 
     autosp compiles the whole forward as one graph (``fullgraph=True``). FSDP2's per-module
-    hooks would sit inside that graph, where Dynamo skips them (``skip_fsdp_hooks``): the
-    parameters would never be all-gathered. So the only FSDP unit is the ``SequenceParallel``
-    wrapper, whose hooks run outside the compiled call. Memory: parameters, gradients and
+    hooks would sit inside that graph, and Dynamo does not trace them (torch 2.13, per-layer
+    ``fully_shard`` under autosp: "Attempted to call function marked as skipped", a graph
+    break). So the only FSDP unit is the ``SequenceParallel`` wrapper, whose hooks run outside
+    the compiled call. Memory: parameters, gradients and
     optimizer state are sharded between steps (1/world each), but during one step every
     parameter and its full gradient exist unsharded on each rank, as under DDP; per-layer
     units (gather one layer at a time) are not available.
