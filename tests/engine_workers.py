@@ -46,17 +46,21 @@ class Reference:
         self.model = copy.deepcopy(model)
         self.opt = make_optimizer(opt, self.model.parameters())
         self.clip = clip
-        self.norm: float | None = None
-        """The gradient norm of the last step, when clipping."""
+        self.norm = 0.0
+        """The gradient norm of the last step (before clipping)."""
 
-    def step(self, ids: torch.Tensor) -> float:
-        loss = self.model(input_ids=ids, labels=ids)["loss"]
-        loss.backward()
-        if self.clip:
-            self.norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip).item()
+    def step(self, micro_batches: list[torch.Tensor]) -> float:
+        """One optimizer step on the mean loss of ``micro_batches``; returns that mean."""
+        total = 0.0
+        for ids in micro_batches:
+            loss = self.model(input_ids=ids, labels=ids)["loss"] / len(micro_batches)
+            loss.backward()
+            total += loss.item()
+        max_norm = self.clip or float("inf")  # inf: the norm, and the gradients times 1.0
+        self.norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
         self.opt.step()
         self.opt.zero_grad()
-        return loss.item()
+        return total
 
     def params(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.model.named_parameters()}
@@ -69,8 +73,9 @@ def param_errors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) ->
 
 
 def fsdp_steps(sp: int, steps: int, family: str = "llama") -> list[dict[str, Any]]:
-    """``steps`` AdamW steps under FSDP2 x autosp; per step the mean loss over dp and the
-    worst relative error of the full (gathered) parameters against one process."""
+    """``steps`` AdamW steps under FSDP2 x autosp; per step the mean loss over dp, the
+    gradient norm and the worst relative error of the full (gathered) parameters against one
+    process (AdamW's update hardly depends on the gradients' scale: the norm checks it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from autosp.integrations import fsdp
@@ -87,33 +92,44 @@ def fsdp_steps(sp: int, steps: int, family: str = "llama") -> list[dict[str, Any
         mine = split_batch(ids, mesh)
         loss = sharded(input_ids=mine, labels=mine)["loss"]
         loss.backward()
+        norm = sharded_grad_norm(sharded)
         opt.step()
         opt.zero_grad()
         mean = loss.detach().clone()
         dist.all_reduce(mean)
-        want = ref.step(ids)
+        want = ref.step([ids])
         got = get_model_state_dict(sharded, options=full)
         history.append(
             {
                 "loss": mean.item() / dist.get_world_size(),
                 "ref": want,
                 "param_rel_err": param_errors(got, ref.params()),
+                "norm": norm,
+                "ref_norm": ref.norm,
             }
         )
     return history
 
 
-def ds_config(stage: int, sp: int, clip: float = 0.0, **extra: Any) -> dict[str, Any]:
+def sharded_grad_norm(model: torch.nn.Module) -> float:
+    """The global gradient norm from each rank's disjoint DTensor gradient shards."""
+    squares = sum((p.grad.to_local().double() ** 2).sum() for p in model.parameters())
+    dist.all_reduce(squares)
+    return squares.sqrt().item()
+
+
+def ds_config(
+    stage: int, sp: int, clip: float = 0.0, gradient_accumulation_steps: int = 1
+) -> dict[str, Any]:
     """A DeepSpeed config for ZeRO ``stage`` with autosp's section (fp32; DeepSpeed's own
     default clips the gradient norm at 1.0, so ``clip`` is always written)."""
     return {
         "train_micro_batch_size_per_gpu": BATCH_PER_GROUP,
-        "gradient_accumulation_steps": 1,
         "gradient_clipping": clip,
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
         "autosp": {"sp_size": sp, "backend": BACKEND},
-        **extra,
     }
 
 
@@ -126,31 +142,32 @@ def _deepspeed_env() -> None:
 
 
 def deepspeed_steps(
-    stage: int, sp: int, steps: int, clip: float = 0.0, opt: str = "adamw", family: str = "llama"
+    stage: int, sp: int, steps: int, clip: float = 0.0, opt: str = "adamw", accum: int = 1
 ) -> list[dict]:
-    """``steps`` AdamW steps of a DeepSpeed ZeRO ``stage`` engine around autosp (gradient norm
-    clipped at ``clip`` if positive); per step the mean loss over dp and the worst relative
-    error of the full parameters."""
+    """``steps`` optimizer steps of a DeepSpeed ZeRO ``stage`` engine around autosp, each over
+    ``accum`` micro-batches (gradient norm clipped at ``clip`` if positive); per step the mean
+    loss over dp and micro-batches and the worst relative error of the full parameters."""
     from autosp.integrations import deepspeed as ds
 
     _deepspeed_env()
-
-    model = build(family)
+    model = build("llama")
     ref = Reference(model, clip, opt)
-    config = ds_config(stage, sp, clip)
+    config = ds_config(stage, sp, clip, gradient_accumulation_steps=accum)
     optimizer = make_optimizer(opt, model.parameters())
     engine, _, _, _ = ds.initialize(model=model, optimizer=optimizer, config=config)
     mesh = engine.mpu.mesh
     history = []
     for step in range(steps):
-        ids = global_batch(mesh["dp"].size(), step)
-        mine = split_batch(ids, mesh)
-        loss = engine(input_ids=mine, labels=mine)["loss"]
-        engine.backward(loss)
-        engine.step()
-        mean = loss.detach().clone()
+        micro = [global_batch(mesh["dp"].size(), step * accum + k) for k in range(accum)]
+        mean = torch.zeros(())
+        for ids in micro:
+            mine = split_batch(ids, mesh)
+            loss = engine(input_ids=mine, labels=mine)["loss"]
+            engine.backward(loss)  # scales by 1 / accum
+            engine.step()  # steps at the accumulation boundary only
+            mean += loss.detach() / accum
         dist.all_reduce(mean)
-        want = ref.step(ids)
+        want = ref.step(micro)
         got = {n: p.detach() for n, p in engine.module.module.named_parameters()}
         history.append(
             {

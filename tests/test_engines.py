@@ -16,7 +16,8 @@ from tests.multirank import run_ranks
 
 WORLD, SP = 4, 2
 LOSS_TOL = 1e-5
-PARAM_TOL = 1e-5  # fp32 parameters after AdamW steps (measured ~3e-6)
+PARAM_TOL = 1e-4  # AdamW divides by sqrt(v): fp32 rounding grows a little per step (~1e-5)
+NORM_TOL = 1e-5  # the global gradient norm before clipping
 SGD_TOL = 1e-6  # SGD's update is linear in the gradient: no amplification (measured ~5e-8)
 BF16_TOL = 2e-2  # bf16 parameters in forward and backward, fp32 reduction
 FP32_NOISE = 1e-5
@@ -29,6 +30,9 @@ def check_history(per_rank: list[list[dict]], steps: int, tol: float) -> None:
         for step, record in enumerate(history):
             assert abs(record["loss"] - record["ref"]) / record["ref"] <= LOSS_TOL, (step, record)
             assert record["param_rel_err"] <= tol, (step, record)
+            # The scale of the gradients (a reduction off by the degree: 2x), which AdamW's
+            # update would hide.
+            assert abs(record["norm"] - record["ref_norm"]) / record["ref_norm"] <= NORM_TOL
     assert all(h == per_rank[0] for h in per_rank), "ranks disagree"
 
 
@@ -53,8 +57,9 @@ def test_fsdp2_checkpoint_round_trip() -> None:
         assert result["loss_rel_err"] <= LOSS_TOL, result
 
 
-def test_zero1_adamw_steps_match_single_process() -> None:
-    check_history(run_ranks(WORLD, deepspeed_steps, 1, SP, 2), 2, PARAM_TOL)
+def test_zero1_adamw_accumulated_steps_match_single_process() -> None:
+    """ZeRO-1, two AdamW steps of two accumulated micro-batches each."""
+    check_history(run_ranks(WORLD, deepspeed_steps, 1, SP, 2, 0.0, "adamw", 2), 2, PARAM_TOL)
 
 
 def test_zero2_clipped_steps_match_single_process() -> None:
@@ -62,9 +67,7 @@ def test_zero2_clipped_steps_match_single_process() -> None:
     over its partitions equals one process's, and so do the clipped updates (SGD)."""
     per_rank = run_ranks(WORLD, deepspeed_steps, 2, SP, 2, 1.0, "sgd")
     check_history(per_rank, 2, SGD_TOL)
-    for record in per_rank[0]:
-        assert record["ref_norm"] > 1.0, "the clip did not act"
-        assert abs(record["norm"] - record["ref_norm"]) / record["ref_norm"] <= LOSS_TOL
+    assert all(record["ref_norm"] > 1.0 for record in per_rank[0]), "the clip did not act"
 
 
 REFUSALS = {
