@@ -4,7 +4,11 @@ Each rank's parameter gradient is a partial sum (it saw only its own tokens). A 
 parameter records the gradient this backward produced; when the backward ends, the recorded
 gradients are flattened into buckets, summed with one all-reduce per bucket, and the
 difference is added to ``.grad``. Gradients accumulated by earlier backwards (gradient
-accumulation) are therefore not summed twice.
+accumulation) are therefore not summed twice; inside ``deferred()`` the backward ends without
+the all-reduce and the next one outside it reduces everything recorded since the last.
+
+With data parallelism the group holds every rank of the ``dp x sp`` mesh and the sum is
+divided by ``dp``: the mean over DP groups of each group's sum (Note [Layout of the mesh]).
 
 A parameter may get a gradient on some ranks only (an expert that none of this rank's tokens
 were routed to). The ranks first agree, over the host channel, on the parameters that got one
@@ -14,6 +18,9 @@ anywhere keeps ``grad=None``, as in one process.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -32,11 +39,15 @@ class GradSync:
         group: dist.ProcessGroup,
         bucket_mb: float,
         channel: dist.ProcessGroup | None,
+        dp: int = 1,
     ) -> None:
-        """``channel``: a gloo group over the same ranks for host values, or None where the
-        group is emulated in one process (the fake backend) or has one rank."""
+        """``group``: the ranks to sum over; ``dp``: what to divide the sum by (the DP groups
+        among them); ``channel``: a gloo group over the same ranks for host values, or None
+        where the group is emulated in one process (the fake backend) or has one rank."""
         self.group = group
         self.channel = channel
+        self.dp = dp
+        self._deferred = False
         self.bucket_bytes = int(bucket_mb * 2**20)
         self._fresh: dict[nn.Parameter, torch.Tensor] = {}
         self._queued = False
@@ -79,8 +90,19 @@ class GradSync:
             size += nbytes
         return buckets
 
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Backward passes inside the block accumulate ``.grad`` locally, unreduced."""
+        self._deferred = True
+        try:
+            yield
+        finally:
+            self._deferred = False
+
     def _sync(self) -> None:
         self._queued = False
+        if self._deferred:
+            return
         try:
             fresh = {
                 p: self._fresh[p] if p in self._fresh else torch.zeros_like(p)
@@ -92,6 +114,8 @@ class GradSync:
                 _counts["grad_all_reduce"] += 1
                 with collective("the gradient all-reduce", self.group):
                     dist.all_reduce(summed, group=self.group)
+                if self.dp > 1:
+                    summed /= self.dp
                 delta = summed - flat
                 offset = 0
                 for param in bucket:
