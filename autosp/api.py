@@ -138,6 +138,16 @@ class SequenceParallel(nn.Module):
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
         return self.module.load_state_dict(*args, **kwargs)
 
+    def _fqn_modifiers(self) -> dict[str, str]:
+        """The inner model's top-level names, reached through ``module``: how
+        ``torch.distributed.checkpoint.state_dict`` (``get_model_state_dict``) learns that this
+        wrapper adds nothing to the keys (Note [Plain keys])."""
+        inner = self.module
+        names = [n for n, _ in inner.named_children()]
+        names += [n for n, _ in inner.named_parameters(recurse=False)]
+        names += [n for n, _ in inner.named_buffers(recurse=False)]
+        return dict.fromkeys(names, "module")
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -149,7 +159,8 @@ def _nest_keys(module: SequenceParallel, state_dict: dict[str, Any], prefix: str
     """Note [Plain keys]: ``SequenceParallel.state_dict`` gives the inner model's keys, also
     under a parent (``DDP(parallel).state_dict()`` has ``module.`` + the plain keys, as DDP
     around the plain model). A parent's ``load_state_dict`` loads this module's children by
-    their paths, the inner model at ``module.``: move this module's keys there."""
+    their paths, the inner model at ``module.``: move this module's keys there.
+    ``torch.distributed.checkpoint.state_dict`` gets the same plain keys (``_fqn_modifiers``)."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
         state_dict[prefix + "module." + key.removeprefix(prefix)] = state_dict.pop(key)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
 import autosp
@@ -164,6 +165,10 @@ def checkpoints() -> dict[str, Any]:
     plain_ddp = DistributedDataParallel(build("plain_gpt", seed=5))
     plain_ddp.load_state_dict(ddp_saved)  # DDP(SP) -> DDP(plain model)
     found["ddp_to_plain_ddp"] = _same(plain_ddp.module, ddp.module)
+    # torch.distributed.checkpoint's state-dict API sees the plain keys too.
+    found["dcp_keys_plain"] = list(get_model_state_dict(ddp)) == plain_keys
+    set_model_state_dict(fresh, get_model_state_dict(ddp))  # DDP(SP) -> SP
+    found["dcp_ddp_to_sp"] = _same(fresh.module, ddp.module)
     return found
 
 
