@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from autosp.train.launch import resolve_layout
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -40,3 +44,15 @@ def test_train_data_parallel(tmp_path: Path) -> None:
     assert (report["config"]["dp"], report["config"]["sp"], report["world_size"]) == (2, 2, 4)
     assert "(dp 2 x sp 2)" in stderr
     assert "step 1/2" not in stderr and "loss=" in stderr, stderr
+
+
+def test_layout_flags() -> None:
+    """``--dp``/``--sp`` against torchrun's world size (None: the ranks are spawned)."""
+
+    assert resolve_layout(None, None, None) == (1, 2)
+    assert resolve_layout(2, None, None) == (2, 2)
+    assert resolve_layout(None, None, 4) == (1, 4)
+    assert resolve_layout(2, None, 4) == (2, 2)
+    assert resolve_layout(None, 2, 4) == (2, 2)
+    with pytest.raises(SystemExit, match="--dp 3 x --sp 2 = 6 ranks, but torchrun's WORLD_SIZE"):
+        resolve_layout(3, 2, 4)
