@@ -121,6 +121,33 @@ def accumulate(mode: str, deferred: bool) -> dict[str, Any]:
     }
 
 
+def discard_under_no_sync() -> dict[str, Any]:
+    """A micro-batch under ``no_sync()`` whose gradients ``zero_grad()`` discards before the
+    reducing backward: the gradients are those of the second micro-batch alone; zeroed in
+    place instead, the reducing backward raises (the error text)."""
+    model = build("plain_gpt")
+    ref = copy.deepcopy(model)
+    parallel = _parallel(model, "native")
+    mesh = sequence_parallel_mesh(SP)
+    ids, labels = global_batch(4, seed=3)
+    first = [split_batch(t[0:2], mesh) for t in (ids, labels)]
+    second = [split_batch(t[2:4], mesh) for t in (ids, labels)]
+    found: dict[str, Any] = {}
+    for set_to_none in (True, False):
+        with parallel.no_sync():
+            parallel(input_ids=first[0], labels=first[1])["loss"].backward()
+        model.zero_grad(set_to_none=set_to_none)
+        try:
+            parallel(input_ids=second[0], labels=second[1])["loss"].backward()
+        except autosp.AutoSPError as err:
+            found["in_place"] = str(err)
+        else:
+            ref(input_ids=ids[2:4], labels=labels[2:4])["loss"].backward()
+            found["grad_rel_err"] = max(grad_errors(model, ref).values())
+        model.zero_grad()
+    return found
+
+
 def _roundtrip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     buffer = io.BytesIO()
     torch.save(state, buffer)

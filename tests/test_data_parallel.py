@@ -63,6 +63,12 @@ def test_accumulation_and_clipping(mode: str, deferred: bool) -> None:
             assert second[key] == 1, result
 
 
+def test_gradients_discarded_under_no_sync() -> None:
+    for found in run_ranks(WORLD, dp_workers.discard_under_no_sync):
+        assert found["grad_rel_err"] <= GRAD_TOL, found
+        assert "changed in place before it was reduced" in found["in_place"], found
+
+
 def test_checkpoints_across_layouts() -> None:
     """State dicts keep the plain model's keys (``module.`` + them under DDP, as DDP around the
     plain model) and load across layouts: SP <-> plain, DDP(SP) -> DDP(SP), DDP(plain), SP."""

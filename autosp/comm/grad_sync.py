@@ -5,7 +5,10 @@ parameter records the gradient this backward produced; when the backward ends, t
 gradients are flattened into buckets, summed with one all-reduce per bucket, and the
 difference is added to ``.grad``. Gradients accumulated by earlier backwards (gradient
 accumulation) are therefore not summed twice; inside ``deferred()`` the backward ends without
-the all-reduce and the next one outside it reduces everything recorded since the last.
+the all-reduce and the next one outside it reduces everything recorded since the last. A
+gradient held over that way is dropped if ``zero_grad()`` reset ``.grad`` to None in between;
+if ``.grad`` was changed in place instead (``zero_grad(set_to_none=False)``, clipping), what
+it holds is no longer known and the next backward raises.
 
 With data parallelism the group holds every rank of the ``dp x sp`` mesh and the sum is
 divided by ``dp``: the mean over DP groups of each group's sum (Note [Layout of the mesh]).
@@ -28,6 +31,7 @@ from torch import nn
 
 from autosp.comm.faults import collective
 from autosp.comm.ops import _counts
+from autosp.errors import AutoSPError
 
 
 class GradSync:
@@ -50,6 +54,8 @@ class GradSync:
         self._deferred = False
         self.bucket_bytes = int(bucket_mb * 2**20)
         self._fresh: dict[nn.Parameter, torch.Tensor] = {}
+        self._held: dict[nn.Parameter, tuple[int, int] | None] = {}
+        """``_grad_state`` of each parameter whose fresh gradient a deferred backward held."""
         self._queued = False
         self._params = [p for p in module.parameters() if p.requires_grad]
         self._handles = [p.register_hook(self._make_hook(p)) for p in self._params]
@@ -61,11 +67,29 @@ class GradSync:
             if not self._queued:
                 self._queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._sync)
+            self._check_held(param)
             previous = self._fresh.get(param)
             self._fresh[param] = grad if previous is None else previous + grad
             return grad
 
         return hook
+
+    def _check_held(self, param: nn.Parameter) -> None:
+        """Forget ``param``'s held gradient if ``.grad`` was reset to None since; raise if it
+        was changed in place."""
+        if param not in self._held or self._held.pop(param) == _grad_state(param):
+            return
+        if param.grad is not None:
+            self._fresh.clear()
+            self._held.clear()
+            raise AutoSPError(
+                "autosp: a gradient accumulated under no_sync() was changed in place before it "
+                "was reduced (zero_grad(set_to_none=False), clipping or scaling between "
+                "micro-batches), so the ranks can no longer reduce what it holds. Change "
+                "gradients only after the backward outside no_sync(), and reset them with "
+                "zero_grad() (set_to_none=True, the default)."
+            )
+        self._fresh.pop(param, None)
 
     def _produced(self) -> list[nn.Parameter]:
         """The parameters that got a gradient in this backward on any rank of the group."""
@@ -102,7 +126,10 @@ class GradSync:
     def _sync(self) -> None:
         self._queued = False
         if self._deferred:
+            self._held = {p: _grad_state(p) for p in self._fresh}
             return
+        for param in list(self._held):
+            self._check_held(param)
         try:
             fresh = {
                 p: self._fresh[p] if p in self._fresh else torch.zeros_like(p)
@@ -130,5 +157,12 @@ class GradSync:
             self._fresh.clear()
 
     def remove(self) -> None:
+        self._fresh.clear()
+        self._held.clear()
         for handle in self._handles:
             handle.remove()
+
+
+def _grad_state(param: nn.Parameter) -> tuple[int, int] | None:
+    """Which tensor ``param.grad`` is and its in-place version (``zero_`` changes it)."""
+    return None if param.grad is None else (id(param.grad), param.grad._version)
