@@ -53,6 +53,7 @@ def test_trainer_without_token_averaging() -> None:
     [
         ("parallelized", "Pass the plain model"),
         ("label_smoothing", "label_smoothing_factor"),
+        ("use_cpu", "accelerate runs 1 process(es) but torch.distributed has 2 ranks"),
         ("sp_size", "sp=3 does not divide the world size 2"),
         ("mesh_dims", "no 'sp' dim"),
     ],

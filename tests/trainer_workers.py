@@ -140,6 +140,8 @@ def misconfigured(case: str) -> None:
             model = autosp.parallelize(model, backend="eager")
         elif case == "label_smoothing":
             args = training_arguments(out, label_smoothing_factor=0.1)
+        elif case == "use_cpu":
+            args = training_arguments(out, use_cpu=False)
         elif case == "sp_size":
             options["sp_size"] = 3
         elif case == "mesh_dims":

@@ -85,6 +85,7 @@ class SequenceParallelTrainer(Trainer):
         super().__init__(*args, **kwargs)
         refuse_unsupported(self.args, self)
         self.sp_mesh = resolve_mesh(sp_size, mesh)
+        refuse_other_world(self.accelerator.num_processes)
         self.autosp_config = autosp_config or Config()
         self._parallel: SequenceParallel | None = None
         logger.info(
@@ -156,6 +157,17 @@ def resolve_mesh(sp_size: int | None, mesh: DeviceMesh | None) -> DeviceMesh:
             f"one SP group and one DP group. Use sequence_parallel_mesh(sp) (dp = {world} / sp)."
         )
     return mesh
+
+
+def refuse_other_world(processes: int) -> None:
+    """Refuse an accelerate state that does not span the torch.distributed world."""
+    world = dist.get_world_size()
+    if processes != world:
+        raise AutoSPError(
+            f"autosp: accelerate runs {processes} process(es) but torch.distributed has {world} "
+            "ranks, so the Trainer would not coordinate them (on a machine without GPUs, "
+            "accelerate sees a distributed run only with TrainingArguments(use_cpu=True))."
+        )
 
 
 def refuse_wrapped(model: nn.Module | None) -> None:
