@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("accelerate")
-
-from tests.multirank import RankError, run_ranks  # noqa: E402
-from tests.trainer_workers import train  # noqa: E402
+from tests.multirank import RankError, run_ranks
+from tests.trainer_workers import misconfigured, train
 
 LOSS_TOL = 1e-5
 PARAM_TOL = 1e-4  # AdamW divides by sqrt(v): tiny gradient differences grow a little per step
@@ -20,7 +18,9 @@ def rel(a: float, b: float) -> float:
 def test_trainer_matches_single_process() -> None:
     """3 optimizer steps of 2 micro-batches each (labels partly -100, gradients clipped):
     every rank logs the single-process Trainer's losses and gradient norms and ends with its
-    parameters."""
+    parameters; evaluation (the plain model, each rank its share) gives the loss the plain
+    Trainer gives over the same processes (which weights batches its own way: not the
+    single process's)."""
     want, _ = run_ranks(2, train, False, {})
     per_rank = run_ranks(2, train, True, {})
     assert len(want["loss"]) == 3
@@ -37,6 +37,7 @@ def test_trainer_matches_single_process() -> None:
             for n, p in got["params"].items()
         }
         assert max(errors.values()) <= PARAM_TOL, errors
+        assert got["eval_loss"] == got["plain_eval_loss"]
 
 
 def test_trainer_without_token_averaging() -> None:
@@ -55,12 +56,11 @@ def test_trainer_without_token_averaging() -> None:
         ("label_smoothing", "label_smoothing_factor"),
         ("use_cpu", "accelerate runs 1 process(es) but torch.distributed has 2 ranks"),
         ("sp_size", "sp=3 does not divide the world size 2"),
+        ("data_parallel", "dp=2 data-parallel groups"),
         ("mesh_dims", "no 'sp' dim"),
     ],
 )
 def test_misconfiguration_is_refused(case: str, message: str) -> None:
-    from tests.trainer_workers import misconfigured
-
     with pytest.raises(RankError) as info:
         run_ranks(2, misconfigured, case)
     assert info.value.type_name == "AutoSPError", info.value

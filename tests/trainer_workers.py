@@ -79,6 +79,7 @@ def training_arguments(out: str, **overrides: Any) -> Any:
     options = dict(
         output_dir=out,
         per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,  # 6 batches: 3 per rank, none padded
         gradient_accumulation_steps=2,
         max_steps=3,
         learning_rate=1e-2,
@@ -93,10 +94,11 @@ def training_arguments(out: str, **overrides: Any) -> Any:
 
 
 def train(parallel: bool, overrides: dict[str, Any]) -> dict[str, Any] | None:
-    """Three optimizer steps of the Trainer: ``SequenceParallelTrainer`` over all ranks when
-    ``parallel``, else the plain Trainer in a single process (rank 0 alone, which accelerate
-    sees as not distributed: no launcher variables). Returns the logged losses and gradient
-    norms and the final parameters."""
+    """Three optimizer steps of the Trainer, then an evaluation: ``SequenceParallelTrainer``
+    over all ranks when ``parallel``, else the plain Trainer in a single process (rank 0 alone,
+    which accelerate sees as not distributed: no launcher variables). Returns the logged
+    losses and gradient norms, the final parameters and the evaluation loss (under
+    ``parallel``, also the plain Trainer's on the same ranks)."""
     from transformers import Trainer
 
     import autosp
@@ -117,7 +119,12 @@ def train(parallel: bool, overrides: dict[str, Any]) -> dict[str, Any] | None:
             trainer = Trainer(model=model, args=args, train_dataset=TokenDataset())
         trainer.train()
         logs = [h for h in trainer.state.log_history if "loss" in h]
+        evaluation = {"eval_loss": trainer.evaluate(TokenDataset())["eval_loss"]}
+        if parallel:  # the plain Trainer's evaluation over the same processes
+            plain = Trainer(model=trainer.model, args=args)
+            evaluation["plain_eval_loss"] = plain.evaluate(TokenDataset())["eval_loss"]
         return {
+            **evaluation,
             "loss": [h["loss"] for h in logs],
             "grad_norm": [h["grad_norm"] for h in logs],
             "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
@@ -144,6 +151,8 @@ def misconfigured(case: str) -> None:
             args = training_arguments(out, use_cpu=False)
         elif case == "sp_size":
             options["sp_size"] = 3
+        elif case == "data_parallel":
+            options["sp_size"] = 1
         elif case == "mesh_dims":
             options["mesh"] = init_device_mesh(
                 "cpu", (dist.get_world_size(),), mesh_dim_names=("tp",)

@@ -23,7 +23,8 @@ Note [Trainer integration]
     ``dp * S_g / N`` (``S_g``: its group's summed token losses); autosp sums its gradient over
     ``sp``, averaging over ``dp`` gives ``sum_g grad S_g / N``, and the logged mean over all
     processes is ``sum_g S_g / N``: the single-process loss and gradient of the whole batch.
-    Without it, each group's loss is its own mean, as with the plain Trainer.
+    Without it, each group's loss is its own mean, as with the plain Trainer. (The average
+    over ``dp`` is not made yet: ``dp > 1`` is refused.)
 
     Evaluation and prediction run the plain model on each rank's share of the data (not
     sequence-parallel).
@@ -46,7 +47,7 @@ from transformers import Trainer, TrainingArguments
 from autosp.api import SequenceParallel, parallelize
 from autosp.config import Config
 from autosp.errors import AutoSPError
-from autosp.mesh import MESH_DIMS, data_parallel_rank, sequence_parallel_mesh
+from autosp.mesh import data_parallel_rank, sequence_parallel_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +62,15 @@ class SequenceParallelTrainer(Trainer):
     Args:
         *args, **kwargs: those of ``transformers.Trainer``.
         sp_size: ranks per sequence-parallel group; the world divided by it is the number of
-            data-parallel groups. None: all ranks form one SP group (or ``mesh`` gives it).
+            data-parallel groups, which must be 1 for now. None: all ranks form one SP group.
         mesh: a ``("dp", "sp")`` mesh from ``autosp.mesh.sequence_parallel_mesh`` instead of
             ``sp_size``.
         autosp_config: options of ``autosp.parallelize`` (``autosp.Config``).
 
     Raises:
         AutoSPError: the model is already wrapped (DDP, ``autosp.parallelize``), the mesh does
-            not cover the world, or a Trainer option needs the whole logits on every rank.
+            not cover the world or has ``dp > 1``, accelerate does not see the whole world, or
+            a Trainer option needs the whole logits on every rank.
     """
 
     def __init__(
@@ -86,12 +88,12 @@ class SequenceParallelTrainer(Trainer):
         refuse_unsupported(self.args, self)
         self.sp_mesh = resolve_mesh(sp_size, mesh)
         refuse_other_world(self.accelerator.num_processes)
+        refuse_data_parallel(self.sp_mesh)
         self.autosp_config = autosp_config or Config()
         self._parallel: SequenceParallel | None = None
         logger.info(
-            "autosp: Trainer over a %s mesh %s",
-            "x".join(MESH_DIMS),
-            tuple(self.sp_mesh.shape),
+            "autosp: the Trainer trains over the mesh %s",
+            dict(zip(self.sp_mesh.mesh_dim_names, self.sp_mesh.shape, strict=True)),
         )
 
     def _wrap_model(
@@ -157,6 +159,17 @@ def resolve_mesh(sp_size: int | None, mesh: DeviceMesh | None) -> DeviceMesh:
             f"one SP group and one DP group. Use sequence_parallel_mesh(sp) (dp = {world} / sp)."
         )
     return mesh
+
+
+def refuse_data_parallel(mesh: DeviceMesh) -> None:
+    """Refuse ``dp > 1`` until autosp averages gradients over the data-parallel dim."""
+    _, dp = data_parallel_rank(mesh)
+    if dp > 1:
+        raise AutoSPError(
+            f"autosp: the mesh has dp={dp} data-parallel groups, but SequenceParallelTrainer "
+            "does not average gradients over data-parallel groups yet: each group would train "
+            "its own copy. Make all ranks one sequence-parallel group (sp_size=None)."
+        )
 
 
 def refuse_other_world(processes: int) -> None:
