@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.multirank import RankError, run_ranks
-from tests.trainer_workers import misconfigured, train
+from tests.trainer_workers import SEQ, misconfigured, train
 
 LOSS_TOL = 1e-5
 PARAM_TOL = 1e-4  # AdamW divides by sqrt(v): tiny gradient differences grow a little per step
@@ -27,6 +27,7 @@ def test_trainer_matches_single_process() -> None:
     assert max(want["grad_norm"]) > 1.0, "clipping (max_grad_norm=1) is not exercised"
     for got in per_rank:
         assert got["wrapped"] == "SequenceParallel"
+        assert got["tokens"] == want["tokens"] == 3 * 2 * 2 * SEQ
         assert len(got["loss"]) == len(want["loss"])
         for step, (a, b) in enumerate(zip(got["loss"], want["loss"], strict=True)):
             assert rel(a, b) <= LOSS_TOL, (step, got["loss"], want["loss"])

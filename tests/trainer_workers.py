@@ -89,6 +89,7 @@ def training_arguments(out: str, **overrides: Any) -> Any:
         use_cpu=True,
         disable_tqdm=True,
         seed=3,
+        include_num_input_tokens_seen="all",
     )
     return TrainingArguments(**{**options, **overrides})
 
@@ -129,6 +130,7 @@ def train(parallel: bool, overrides: dict[str, Any]) -> dict[str, Any] | None:
             "grad_norm": [h["grad_norm"] for h in logs],
             "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
             "wrapped": type(trainer.model_wrapped).__name__,
+            "tokens": trainer.state.num_input_tokens_seen,
         }
 
 

@@ -15,7 +15,8 @@ Note [Trainer integration]
       processes; here they are dealt out over the ``dp`` dim only (the Trainer's sampler and
       seeds unchanged), so every rank of an SP group gets the same batch and each DP group its
       own. With ``dp=1`` every rank sees the batches a single-process Trainer sees, in order.
-    - *The batch size it reports* (``get_total_train_batch_size``): counted over ``dp``.
+    - *The batch size and tokens it reports* (``get_total_train_batch_size``,
+      ``_track_num_input_tokens``): counted over ``dp``, not every process.
 
     The loss needs nothing: with ``average_tokens_across_devices`` (the default) the Trainer
     counts the valid labels over all ``W = dp * sp`` processes, ``sp`` times the true count
@@ -131,6 +132,14 @@ class SequenceParallelTrainer(Trainer):
         deal_over_data_parallel(loader, rank, size)
         return loader
 
+    def _track_num_input_tokens(self, inputs: dict[str, torch.Tensor | Any]) -> None:
+        # The Trainer sums the count over all processes: every rank of an SP group holds the
+        # same batch, so the sum counts it sp times.
+        before = self.state.num_input_tokens_seen
+        super()._track_num_input_tokens(inputs)
+        counted = self.state.num_input_tokens_seen - before
+        self.state.num_input_tokens_seen = before + counted // self.sp_mesh["sp"].size()
+
     def get_total_train_batch_size(self, args: TrainingArguments) -> int:
         _, dp = data_parallel_rank(self.sp_mesh)
         return self._train_batch_size * args.gradient_accumulation_steps * dp
@@ -213,6 +222,13 @@ def refuse_unsupported(args: TrainingArguments, trainer: Trainer) -> None:
         reasons.append(
             "compute_loss_func: it reads the whole logits, which each rank does not hold; put "
             "the loss in the model's forward (a labels= call), where autosp shards it exactly"
+        )
+    if args.include_num_input_tokens_seen not in (False, "no") and not hasattr(
+        Trainer, "_track_num_input_tokens"
+    ):
+        reasons.append(
+            "include_num_input_tokens_seen on this transformers version: it would count each "
+            "batch once per sequence-parallel rank"
         )
     if args.torch_compile:
         reasons.append(
