@@ -235,7 +235,15 @@ def refuse_unsupported(args: TrainingArguments, trainer: Trainer) -> None:
             "torch_compile=True: autosp compiles the model itself (autosp.Config(backend=...))"
         )
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
-        reasons.append("DeepSpeed or FSDP: not yet supported with this trainer")
+        reasons.append(
+            "DeepSpeed or FSDP: not supported by this trainer yet; drop the deepspeed/fsdp "
+            "arguments (each rank then holds the whole model, as with DDP)"
+        )
+    if getattr(args, "train_sampling_strategy", None) == "batch_rebalance":
+        reasons.append(
+            "train_sampling_strategy='batch_rebalance': its sampler deals batches over every "
+            "process itself; use 'random', 'sequential' or 'group_by_length'"
+        )
     if getattr(args, "parallelism_config", None) is not None:
         reasons.append(
             "parallelism_config: accelerate's own context/sequence parallelism; autosp's mesh "
