@@ -50,6 +50,21 @@ def test_trainer_without_token_averaging() -> None:
         assert rel(got["loss"][0], want["loss"][0]) <= LOSS_TOL, (got["loss"], want["loss"])
 
 
+def test_trainer_data_parallel() -> None:
+    """dp 2 x sp 2: each DP group its own batches, gradients summed over sp and averaged over
+    dp: the single-process Trainer with the two groups' batches as one (twice as large)."""
+    want, _ = run_ranks(2, train, False, {"per_device_train_batch_size": 4})
+    for got in run_ranks(4, train, True, {}, 2):
+        assert got["tokens"] == want["tokens"]
+        for a, b in zip(got["loss"], want["loss"], strict=True):
+            assert rel(a, b) <= LOSS_TOL, (got["loss"], want["loss"])
+        errors = [
+            ((p - want["params"][n]).norm() / want["params"][n].norm()).item()
+            for n, p in got["params"].items()
+        ]
+        assert max(errors) <= PARAM_TOL
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -57,7 +72,6 @@ def test_trainer_without_token_averaging() -> None:
         ("label_smoothing", "label_smoothing_factor"),
         ("use_cpu", "accelerate runs 1 process(es) but torch.distributed has 2 ranks"),
         ("sp_size", "sp=3 does not divide the world size 2"),
-        ("data_parallel", "dp=2 data-parallel groups"),
         ("mesh_dims", "no 'sp' dim"),
     ],
 )

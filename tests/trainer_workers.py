@@ -94,12 +94,14 @@ def training_arguments(out: str, **overrides: Any) -> Any:
     return TrainingArguments(**{**options, **overrides})
 
 
-def train(parallel: bool, overrides: dict[str, Any]) -> dict[str, Any] | None:
+def train(
+    parallel: bool, overrides: dict[str, Any], sp_size: int | None = None
+) -> dict[str, Any] | None:
     """Three optimizer steps of the Trainer, then an evaluation: ``SequenceParallelTrainer``
-    over all ranks when ``parallel``, else the plain Trainer in a single process (rank 0 alone,
-    which accelerate sees as not distributed: no launcher variables). Returns the logged
-    losses and gradient norms, the final parameters and the evaluation loss (under
-    ``parallel``, also the plain Trainer's on the same ranks)."""
+    (``sp_size`` ranks per SP group) when ``parallel``, else the plain Trainer in a single
+    process (rank 0 alone, which accelerate sees as not distributed: no launcher variables).
+    Returns the logged losses and gradient norms, the final parameters and the evaluation
+    loss (under ``parallel``, also the plain Trainer's on the same ranks)."""
     from transformers import Trainer
 
     import autosp
@@ -114,7 +116,11 @@ def train(parallel: bool, overrides: dict[str, Any]) -> dict[str, Any] | None:
         if parallel:
             config = autosp.Config(backend="eager")
             trainer = SequenceParallelTrainer(
-                model=model, args=args, train_dataset=TokenDataset(), autosp_config=config
+                model=model,
+                args=args,
+                train_dataset=TokenDataset(),
+                sp_size=sp_size,
+                autosp_config=config,
             )
         else:
             trainer = Trainer(model=model, args=args, train_dataset=TokenDataset())
@@ -153,8 +159,6 @@ def misconfigured(case: str) -> None:
             args = training_arguments(out, use_cpu=False)
         elif case == "sp_size":
             options["sp_size"] = 3
-        elif case == "data_parallel":
-            options["sp_size"] = 1
         elif case == "mesh_dims":
             options["mesh"] = init_device_mesh(
                 "cpu", (dist.get_world_size(),), mesh_dim_names=("tp",)

@@ -24,8 +24,7 @@ Note [Trainer integration]
     ``dp * S_g / N`` (``S_g``: its group's summed token losses); autosp sums its gradient over
     ``sp``, averaging over ``dp`` gives ``sum_g grad S_g / N``, and the logged mean over all
     processes is ``sum_g S_g / N``: the single-process loss and gradient of the whole batch.
-    Without it, each group's loss is its own mean, as with the plain Trainer. (The average
-    over ``dp`` is not made yet: ``dp > 1`` is refused.)
+    Without it, each group's loss is its own mean, as with the plain Trainer.
 
     Evaluation and prediction run the plain model on each rank's share of the data (not
     sequence-parallel).
@@ -63,14 +62,14 @@ class SequenceParallelTrainer(Trainer):
     Args:
         *args, **kwargs: those of ``transformers.Trainer``.
         sp_size: ranks per sequence-parallel group; the world divided by it is the number of
-            data-parallel groups, which must be 1 for now. None: all ranks form one SP group.
+            data-parallel groups. None: all ranks form one SP group.
         mesh: a ``("dp", "sp")`` mesh from ``autosp.mesh.sequence_parallel_mesh`` instead of
             ``sp_size``.
         autosp_config: options of ``autosp.parallelize`` (``autosp.Config``).
 
     Raises:
         AutoSPError: the model is already wrapped (DDP, ``autosp.parallelize``), the mesh does
-            not cover the world or has ``dp > 1``, accelerate does not see the whole world, or
+            not cover the world, accelerate does not see the whole world, or
             a Trainer option needs the whole logits on every rank.
     """
 
@@ -89,7 +88,6 @@ class SequenceParallelTrainer(Trainer):
         refuse_unsupported(self.args, self)
         self.sp_mesh = resolve_mesh(sp_size, mesh)
         refuse_other_world(self.accelerator.num_processes)
-        refuse_data_parallel(self.sp_mesh)
         self.autosp_config = autosp_config or Config()
         self._parallel: SequenceParallel | None = None
         logger.info(
@@ -105,7 +103,7 @@ class SequenceParallelTrainer(Trainer):
         if isinstance(model, SequenceParallel):  # a later train(): already parallelized
             return model
         if self._parallel is None or self._parallel.module is not model:
-            parallel = parallelize(model, group=self.sp_mesh["sp"], config=self.autosp_config)
+            parallel = parallelize(model, mesh=self.sp_mesh, config=self.autosp_config)
             self._parallel = self.accelerator.prepare_model(
                 parallel, device_placement=False, evaluation_mode=True
             )
@@ -168,17 +166,6 @@ def resolve_mesh(sp_size: int | None, mesh: DeviceMesh | None) -> DeviceMesh:
             f"one SP group and one DP group. Use sequence_parallel_mesh(sp) (dp = {world} / sp)."
         )
     return mesh
-
-
-def refuse_data_parallel(mesh: DeviceMesh) -> None:
-    """Refuse ``dp > 1`` until autosp averages gradients over the data-parallel dim."""
-    _, dp = data_parallel_rank(mesh)
-    if dp > 1:
-        raise AutoSPError(
-            f"autosp: the mesh has dp={dp} data-parallel groups, but SequenceParallelTrainer "
-            "does not average gradients over data-parallel groups yet: each group would train "
-            "its own copy. Make all ranks one sequence-parallel group (sp_size=None)."
-        )
 
 
 def refuse_other_world(processes: int) -> None:
