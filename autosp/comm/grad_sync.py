@@ -2,9 +2,9 @@
 
 Each rank's parameter gradient is a partial sum (it saw only its own tokens). A hook on every
 parameter records the gradient this backward produced; when the backward ends, the recorded
-gradients are flattened into buckets, summed with one all-reduce per bucket, and the
-difference is added to ``.grad``. Gradients accumulated by earlier backwards (gradient
-accumulation) are therefore not summed twice; inside ``deferred()`` the backward ends without
+gradients are flattened into buckets and summed with one all-reduce per bucket. Gradients
+accumulated by earlier backwards (gradient accumulation) are not summed twice, and every rank
+ends with the same bits (Note [Identical replicas]); inside ``deferred()`` the backward ends without
 the all-reduce and the next one outside it reduces everything recorded since the last. A
 gradient held over that way is dropped if ``zero_grad()`` reset ``.grad`` to None in between;
 if ``.grad`` was changed in place instead (``zero_grad(set_to_none=False)``, clipping), what
@@ -18,6 +18,16 @@ were routed to). The ranks first agree, over the host channel, on the parameters
 anywhere: each such parameter joins the same bucket on every rank (zeros where this rank
 produced none) and ends with the full gradient, as in one process; a parameter that got none
 anywhere keeps ``grad=None``, as in one process.
+
+Note [Identical replicas]
+    The ranks' parameters must stay bitwise equal, or the replicas drift apart step by step.
+    ``.grad = local + (sum - local)`` rounds differently on each rank, so the reduced sum is
+    written whole instead. Where ``.grad`` was None before this reduction's first backward,
+    ``.grad`` holds exactly the recorded local gradient and is overwritten with the sum. Where
+    it held a reduced gradient (accumulation without ``no_sync``), the hook hands autograd a
+    zero gradient (``.grad`` stays that base, the same on every rank) and the sum is added to
+    it. Only a base under ``no_sync`` mixes with local terms; there ``sum - local`` is added,
+    correct to rounding but not bitwise equal across ranks.
 """
 
 from __future__ import annotations
@@ -54,6 +64,11 @@ class GradSync:
         self._deferred = False
         self.bucket_bytes = int(bucket_mb * 2**20)
         self._fresh: dict[nn.Parameter, torch.Tensor] = {}
+        self._based: dict[nn.Parameter, bool] = {}
+        """Whether ``.grad`` held a reduced gradient at the first backward since the last
+        reduction (Note [Identical replicas])."""
+        self._mixed: set[nn.Parameter] = set()
+        """Parameters whose ``.grad`` adds local gradients to such a base (under no_sync)."""
         self._held: dict[nn.Parameter, tuple[int, int] | None] = {}
         """``_grad_state`` of each parameter whose fresh gradient a deferred backward held."""
         self._queued = False
@@ -68,9 +83,15 @@ class GradSync:
                 self._queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._sync)
             self._check_held(param)
+            based = self._based.setdefault(param, param.grad is not None)
             previous = self._fresh.get(param)
             self._fresh[param] = grad if previous is None else previous + grad
-            return grad
+            if not based:
+                return grad
+            if self._deferred:
+                self._mixed.add(param)
+                return grad
+            return torch.zeros_like(grad)
 
         return hook
 
@@ -81,6 +102,8 @@ class GradSync:
             return
         if param.grad is not None:
             self._fresh.clear()
+            self._based.clear()
+            self._mixed.clear()
             self._held.clear()
             raise AutoSPError(
                 "autosp: a gradient accumulated under no_sync() was changed in place before it "
@@ -90,6 +113,8 @@ class GradSync:
                 "zero_grad() (set_to_none=True, the default)."
             )
         self._fresh.pop(param, None)
+        self._based.pop(param, None)
+        self._mixed.discard(param)
 
     def _produced(self) -> list[nn.Parameter]:
         """The parameters that got a gradient in this backward on any rank of the group."""
@@ -143,21 +168,28 @@ class GradSync:
                     dist.all_reduce(summed, group=self.group)
                 if self.dp > 1:
                     summed /= self.dp
-                delta = summed - flat
                 offset = 0
                 for param in bucket:
                     n = param.numel()
-                    part = delta[offset : offset + n].view_as(param)
+                    total = summed[offset : offset + n].view_as(param)
                     if param.grad is None:
-                        param.grad = part.clone()
+                        param.grad = total.clone()
+                    elif param in self._mixed:
+                        param.grad.add_(total - flat[offset : offset + n].view_as(param))
+                    elif self._based.get(param, True):
+                        param.grad.add_(total)
                     else:
-                        param.grad.add_(part)
+                        param.grad.copy_(total)
                     offset += n
         finally:
             self._fresh.clear()
+            self._based.clear()
+            self._mixed.clear()
 
     def remove(self) -> None:
         self._fresh.clear()
+        self._based.clear()
+        self._mixed.clear()
         self._held.clear()
         for handle in self._handles:
             handle.remove()
