@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ from autosp.compiler.propagate import Plan
 from autosp.config import Config
 from autosp.errors import AutoSPError
 from autosp.integrations.transformers import install_output_hooks
+from autosp.mesh import Layout, resolve_layout
 
 logger = logging.getLogger(__name__)
 
@@ -33,33 +36,14 @@ def _logger_methods() -> set[Any]:
     return {getattr(logging.Logger, n) for n in LOGGER_METHODS if hasattr(logging.Logger, n)}
 
 
-def resolve_group(group: dist.ProcessGroup | DeviceMesh | None) -> dist.ProcessGroup:
-    """The sequence-parallel ProcessGroup from a group, a 1-D DeviceMesh or the default."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise AutoSPError(
-            "autosp: torch.distributed is not initialised. Call "
-            "torch.distributed.init_process_group() first (launch with torchrun, or use "
-            "`autosp train`, which launches the ranks for you)."
-        )
-    if group is None:
-        return dist.group.WORLD
-    if isinstance(group, DeviceMesh):
-        if group.ndim != 1:
-            raise AutoSPError(
-                f"autosp: the DeviceMesh has {group.ndim} dimensions; pass the 1-D sub-mesh of "
-                "the sequence-parallel dimension, e.g. mesh['sp']."
-            )
-        return group.get_group()
-    return group
-
-
 class SequenceParallel(nn.Module):
     """A module whose forward runs sequence-parallel over ``group``; see ``parallelize``."""
 
-    def __init__(self, module: nn.Module, group: dist.ProcessGroup, config: Config) -> None:
+    def __init__(self, module: nn.Module, layout: Layout, config: Config) -> None:
         super().__init__()
         self.module = module
-        self.group = group
+        self.layout = layout
+        group = self.group = layout.sp
         self.config = config
         self._state = TraceState()
         hybrid = {}
@@ -70,11 +54,16 @@ class SequenceParallel(nn.Module):
                     hybrid[size] = hybrid_groups(group, size)
         install_output_hooks(module)
         backend = AutoSPBackend(group, config, self._state, hybrid)
-        self._compiled = torch.compile(module, backend=backend, fullgraph=True)
+        # Not a submodule: the state dict has the inner module's keys only (Note [Plain keys]).
+        self.__dict__["_compiled"] = torch.compile(module, backend=backend, fullgraph=True)
+        self.register_load_state_dict_pre_hook(_nest_keys)
         channel = host_channel_for(group) if config.sync_grads or config.check_inputs else None
-        self._grad_sync = (
-            GradSync(module, group, config.bucket_mb, channel) if config.sync_grads else None
-        )
+        self._grad_sync = None
+        if config.sync_grads:
+            grads_channel = channel if layout.grads is group else host_channel_for(layout.grads)
+            self._grad_sync = GradSync(
+                module, layout.grads, config.bucket_mb, grads_channel, dp=layout.dp
+            )
         self._input_check = (
             InputCheck(group, channel) if config.check_inputs and channel is not None else None
         )
@@ -84,15 +73,37 @@ class SequenceParallel(nn.Module):
         """What the compiler did, one plan per compiled graph (attention, loss, gathered ops)."""
         return self._state.plans
 
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Gradient accumulation without a reduction per micro-batch, as ``DDP.no_sync``:
+        backward passes inside the block leave each rank's partial gradients in ``.grad``; the
+        first backward after it reduces everything accumulated since the last reduction.
+        Costs one extra copy of the accumulated gradients until then."""
+        if self._grad_sync is None:
+            yield
+            return
+        with self._grad_sync.deferred():
+            yield
+
+    def release_grad_sync(self) -> None:
+        """Stop reducing gradients here, for a wrapper that reduces them itself
+        (``autosp.integrations.ddp.wrap_ddp``)."""
+        if self._grad_sync is not None:
+            self._grad_sync.remove()
+            self._grad_sync = None
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        refuse_ddp_around(self.group, self.config)
+        refuse_ddp_around(self)
         refuse_unmanaged_fsdp(self)
         self._state.seq_len = mark_sequence(args, kwargs)
         self._state.label_inputs = label_inputs(args, kwargs)
         if self._input_check is not None:
             self._input_check(named_tensors(args, kwargs))
         try:
-            with torch._dynamo.config.patch(ignore_logger_methods=_logger_methods()):
+            # optimize_ddp=False: inside DDP, Dynamo would split the graph at DDP's buckets.
+            with torch._dynamo.config.patch(
+                ignore_logger_methods=_logger_methods(), optimize_ddp=False
+            ):
                 out = self._compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as err:
             if isinstance(err.inner_exception, AutoSPError):
@@ -123,10 +134,21 @@ class SequenceParallel(nn.Module):
         return out
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The inner model's state dict, with its own keys (Note [Plain keys])."""
         return self.module.state_dict(*args, **kwargs)
 
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
         return self.module.load_state_dict(*args, **kwargs)
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        """The inner model's top-level names, reached through ``module``: how
+        ``torch.distributed.checkpoint.state_dict`` (``get_model_state_dict``) learns that this
+        wrapper adds nothing to the keys (Note [Plain keys])."""
+        inner = self.module
+        names = [n for n, _ in inner.named_children()]
+        names += [n for n, _ in inner.named_parameters(recurse=False)]
+        names += [n for n, _ in inner.named_buffers(recurse=False)]
+        return dict.fromkeys(names, "module")
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -135,34 +157,38 @@ class SequenceParallel(nn.Module):
             return getattr(self.module, name)
 
 
-def refuse_ddp_around(group: dist.ProcessGroup, config: Config) -> None:
-    """Refuse a ``DistributedDataParallel`` around this module whose gradients would be wrong.
+def _nest_keys(module: SequenceParallel, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Note [Plain keys]: ``SequenceParallel.state_dict`` gives the inner model's keys, also
+    under a parent (``DDP(parallel).state_dict()`` has ``module.`` + the plain keys, as DDP
+    around the plain model). A parent's ``load_state_dict`` loads this module's children by
+    their paths, the inner model at ``module.``: move this module's keys there.
+    ``torch.distributed.checkpoint.state_dict`` gets the same plain keys (``_fqn_modifiers``)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        state_dict[prefix + "module." + key.removeprefix(prefix)] = state_dict.pop(key)
+
+
+def refuse_ddp_around(model: SequenceParallel) -> None:
+    """Refuse a ``DistributedDataParallel`` around ``model`` unless ``wrap_ddp`` set it up.
 
     Each rank's gradient is a partial sum over its rows: the true gradient is the *sum* over
-    the sequence-parallel group. DDP *averages* over its own group and writes ``.grad`` after
-    the backward: with ``sync_grads`` on, it overwrites autosp's sum; with it off, the average
-    divides the sum by the degree, unless a comm hook sums over a group that holds every
-    sequence-parallel rank (the caller's choice, allowed)."""
+    the sequence-parallel group (and the mean over data-parallel groups). DDP *averages* over
+    its own group and writes ``.grad`` after the backward: by itself it divides the sum by the
+    degree, and beside autosp's own reduction it reduces twice. ``wrap_ddp`` gives DDP a comm
+    hook that sums over ``dp x sp`` and divides by ``dp``, and turns autosp's reduction off."""
+    from autosp.integrations.ddp import is_prepared
+
     ddp = DistributedDataParallel._get_active_ddp_module()
-    if ddp is None:
-        return
-    sp_ranks = set(dist.get_process_group_ranks(group))
-    ddp_ranks = set(dist.get_process_group_ranks(ddp.process_group))
-    if not config.sync_grads and ddp._comm_hooks and sp_ranks <= ddp_ranks:
+    if ddp is None or (is_prepared(ddp, model) and model._grad_sync is None):
         return
     raise AutoSPError(
-        "autosp: the sequence-parallel model is wrapped in DistributedDataParallel. DDP "
-        "averages gradients over its group, but each rank of the sequence-parallel group holds "
-        "a partial gradient that must be summed over that group: "
-        + (
-            "DDP overwrites the sums autosp makes (sync_grads=True). "
-            if config.sync_grads
-            else "without a comm hook that sums over every sequence-parallel rank, the "
-            "gradients come out divided by the degree or not summed at all. "
-        )
-        + "Do not wrap it in DDP: keep sync_grads=True and, for data parallelism across "
-        "sequence-parallel groups, average the gradients over the data-parallel group after "
-        "backward (dist.all_reduce(p.grad, op=ReduceOp.AVG, group=dp_group))."
+        "autosp: the sequence-parallel model is wrapped in a DistributedDataParallel that "
+        "autosp did not set up. DDP averages gradients over its group, but each rank of the "
+        "sequence-parallel group holds a partial gradient that must be summed over that group "
+        "(and autosp's own reduction would run as well). Either drop DDP: "
+        "parallelize(model, mesh=autosp.mesh.sequence_parallel_mesh(sp)) reduces over data and "
+        "sequence parallel ranks itself; or build the wrapper with "
+        "autosp.integrations.ddp.wrap_ddp(parallel_model) (for a DDP built elsewhere, e.g. by "
+        "accelerate, call autosp.integrations.ddp.prepare_ddp(ddp) before the first step)."
     )
 
 
@@ -240,6 +266,8 @@ def parallelize(
     model: nn.Module,
     *,
     group: dist.ProcessGroup | DeviceMesh | None = None,
+    mesh: DeviceMesh | None = None,
+    sp_size: int | None = None,
     config: Config | None = None,
     **options: Any,
 ) -> SequenceParallel:
@@ -248,16 +276,20 @@ def parallelize(
     Every rank of the group calls the returned module with the same full-length batch; the
     loss is that of one process on the whole batch, sequence-shaped outputs come back as this
     rank's rows (``gather_sequence`` joins them) and parameter gradients are summed over the
-    group after ``backward()``.
+    group after ``backward()``. With data parallelism (a ``("dp", "sp")`` mesh) each SP group
+    takes its own batch and the gradients are the mean over DP groups of those sums.
 
     Args:
         model: any module whose forward uses ``scaled_dot_product_attention``.
         group: the sequence-parallel ranks: a ProcessGroup, a 1-D DeviceMesh, or None for
-            all ranks of the default group.
+            all ranks of the default group; or a 2-D ``("dp", "sp")`` DeviceMesh (as ``mesh``).
+        mesh: a 2-D DeviceMesh with dims ``("dp", "sp")`` (``autosp.mesh.sequence_parallel_mesh``).
+        sp_size: ranks per SP group: builds that mesh over the default group.
         config: a ``Config``; or give its fields as keyword options (``backend="aot_eager"``).
 
     Raises:
-        AutoSPError: torch.distributed is not initialised, the group is not 1-D, or
+        AutoSPError: torch.distributed is not initialised, the mesh has other dims or sizes
+            that do not divide the world, more than one of group/mesh/sp_size is given, or
             ``model`` is a DistributedDataParallel module or has ``fully_shard`` applied
             inside (use ``autosp.integrations.fsdp.shard``).
     """
@@ -267,10 +299,11 @@ def parallelize(
         raise AutoSPError(
             "autosp: parallelize() was given a DistributedDataParallel module. DDP averages "
             "gradients over its group, but the sequence-parallel ranks' gradients must be "
-            "summed. Parallelize the inner model (ddp.module) and do not wrap it in DDP; for "
-            "data parallelism across sequence-parallel groups, average the gradients over the "
-            "data-parallel group after backward."
+            "summed, so DDP goes outside: parallelize the inner model (ddp.module), then either "
+            "pass mesh=autosp.mesh.sequence_parallel_mesh(sp) (autosp reduces over data and "
+            "sequence parallel ranks) or wrap the result with "
+            "autosp.integrations.ddp.wrap_ddp(parallel_model)."
         )
     refuse_fsdp_inside(model)
     config = config or Config(**options)
-    return SequenceParallel(model, resolve_group(group), config)
+    return SequenceParallel(model, resolve_layout(group, mesh, sp_size), config)

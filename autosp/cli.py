@@ -22,7 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--sp",
         type=int,
         default=None,
-        help="sequence-parallel ranks (default: WORLD_SIZE under torchrun, else 2)",
+        help="ranks per sequence-parallel group (default: WORLD_SIZE / dp under torchrun, else 2)",
+    )
+    train.add_argument(
+        "--dp",
+        type=int,
+        default=None,
+        help="data-parallel groups, each with its own batches; dp x sp ranks in all "
+        "(default: WORLD_SIZE / sp under torchrun, else 1)",
     )
     train.add_argument(
         "--seq-len", type=int, default=16384, help="tokens per sequence (%(default)s)"
@@ -30,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps (%(default)s)"
     )
-    train.add_argument("--batch-size", type=int, default=1, help="sequences per step (%(default)s)")
+    train.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="sequences per step and data-parallel group (%(default)s)",
+    )
     train.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (%(default)s)")
     train.add_argument(
         "--model",

@@ -29,9 +29,11 @@ class Config:
     time); False keeps every mask the model builds (S x S memory), for comparison."""
     sync_grads: bool = True
     """Sum parameter gradients over the group after each backward (each rank's gradient is
-    the part from its own rows). Keep it on. DistributedDataParallel must not take its place:
-    DDP averages over its group, which would divide these sums by the degree (autosp refuses
-    a DDP wrapper). Turn it off only if you sum the gradients over the group yourself."""
+    the part from its own rows; with a ``("dp", "sp")`` mesh, the mean over DP groups of those
+    sums). Keep it on. Plain DistributedDataParallel must not take its place: DDP averages over
+    its group, which would divide these sums by the degree (autosp refuses it; use
+    ``autosp.integrations.ddp.wrap_ddp``). Turn it off only if something else reduces the
+    gradients (FSDP2, DeepSpeed) or you sum them over the group yourself."""
     chunk_loss: bool = True
     """Compute the language-model head and its cross-entropy over chunks of tokens, so that
     the ``[tokens, vocab]`` logits never exist whole (Note [Chunked loss] in

@@ -10,10 +10,20 @@ Note [Layout of the mesh]
 
     Ranks of one SP group get the *same* batch (autosp shards its tokens); ranks at the same
     ``sp`` coordinate in different rows get different batches. The true gradient is the *mean*
-    over ``dp`` of the *sum* over ``sp`` of the per-rank partial gradients.
+    over ``dp`` of the *sum* over ``sp`` of the per-rank partial gradients: autosp computes it
+    with one all-reduce (SUM) over all ``dp * sp`` ranks of the mesh, then a division by
+    ``dp``, rather than a sum over ``sp`` followed by a mean over ``dp`` (two collectives for
+    the same value; dividing by a power of two is exact in floating point).
+
+    Like DistributedDataParallel, the step's gradient is the mean of the DP groups' gradients,
+    each that of its own batch's loss. It equals the gradient of one process on the
+    concatenated batch when every DP group's batch has the same number of labelled tokens
+    (a mean cross-entropy over all of them); otherwise it weights the groups equally.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -23,6 +33,81 @@ from torch.utils.data import Dataset, DistributedSampler
 from autosp.errors import AutoSPError
 
 MESH_DIMS = ("dp", "sp")
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """The groups of a parallelized model (Note [Layout of the mesh])."""
+
+    sp: dist.ProcessGroup
+    """The sequence-parallel group: its ranks share one batch and split its tokens."""
+    grads: dist.ProcessGroup
+    """The ranks whose gradients are reduced together: every rank of the ``dp x sp`` mesh."""
+    dp: int
+    """Data-parallel groups in ``grads``: the gradient is the sum over ``grads`` over ``dp``."""
+
+
+def require_distributed() -> None:
+    """Raise unless torch.distributed is initialised."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise AutoSPError(
+            "autosp: torch.distributed is not initialised. Call "
+            "torch.distributed.init_process_group() first (launch with torchrun, or use "
+            "`autosp train`, which launches the ranks for you)."
+        )
+
+
+def resolve_layout(
+    group: dist.ProcessGroup | DeviceMesh | None,
+    mesh: DeviceMesh | None,
+    sp_size: int | None,
+) -> Layout:
+    """The layout from ``parallelize``'s ``group=``, ``mesh=`` or ``sp_size=`` (at most one).
+
+    A ProcessGroup, a 1-D mesh or None (the default group) is one sequence-parallel group with
+    no data parallelism; a 2-D mesh with dims ``("dp", "sp")`` (``group=`` or ``mesh=``) or
+    ``sp_size`` (the mesh over the default group, ``dp = world / sp_size``) adds data parallelism
+    across SP groups.
+
+    Raises:
+        AutoSPError: torch.distributed is not initialised, more than one is given, the mesh has
+            other dims, or ``sp_size`` does not divide the world.
+    """
+    require_distributed()
+    chosen = (("group", group), ("mesh", mesh), ("sp_size", sp_size))
+    given = [name for name, value in chosen if value is not None]
+    if len(given) > 1:
+        raise AutoSPError(
+            f"autosp: parallelize() got {' and '.join(given)}; pass one of them: a ProcessGroup "
+            "or 1-D mesh for sequence parallelism alone, a ('dp', 'sp') mesh, or sp_size= to "
+            "build that mesh over the default group."
+        )
+    if sp_size is not None:
+        mesh = sequence_parallel_mesh(sp_size)
+    elif isinstance(group, DeviceMesh):
+        mesh = group
+    elif mesh is None:
+        sp = group or dist.group.WORLD
+        return Layout(sp=sp, grads=sp, dp=1)
+    if mesh.ndim == 1:
+        return Layout(sp=mesh.get_group(), grads=mesh.get_group(), dp=1)
+    if mesh.ndim != 2 or set(mesh.mesh_dim_names or ()) != set(MESH_DIMS):
+        raise AutoSPError(
+            f"autosp: the DeviceMesh has dims {mesh.mesh_dim_names} (shape "
+            f"{tuple(mesh.mesh.shape)}); autosp takes a 1-D sequence-parallel mesh or a 2-D mesh "
+            "with dims ('dp', 'sp'): autosp.mesh.sequence_parallel_mesh(sp) builds one. For "
+            "other dims, pass the sub-mesh, e.g. mesh['dp', 'sp'] or mesh['sp']."
+        )
+    sp = mesh["sp"].get_group()
+    dp = mesh["dp"].size()
+    if dp == 1:
+        return Layout(sp=sp, grads=sp, dp=1)
+    ranks = sorted(mesh.mesh.flatten().tolist())
+    if ranks == list(range(dist.get_world_size())):
+        grads = dist.group.WORLD
+    else:
+        grads = dist.new_group(ranks, use_local_synchronization=True)
+    return Layout(sp=sp, grads=grads, dp=dp)
 
 
 def sequence_parallel_mesh(
@@ -39,11 +124,7 @@ def sequence_parallel_mesh(
     Raises:
         AutoSPError: torch.distributed is not initialised, or ``dp * sp`` is not the world.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise AutoSPError(
-            "autosp: torch.distributed is not initialised. Call "
-            "torch.distributed.init_process_group() before building the mesh."
-        )
+    require_distributed()
     world = dist.get_world_size()
     if sp < 1 or world % sp:
         raise AutoSPError(

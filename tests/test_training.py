@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from tests.multirank import run_ranks
-from tests.workers import mesh_parity, train_steps
+from tests.workers import mesh_parity, replica_params, train_steps
 
 LOSS_TOL = 1e-5
 PARAM_TOL = 1e-4  # AdamW divides by sqrt(v): tiny gradient differences grow a little per step
@@ -27,3 +30,16 @@ def test_device_mesh_group() -> None:
         (result,) = results
         assert result["loss_rel_err"] <= LOSS_TOL
         assert max(result["grad_rel_err"].values()) <= PARAM_TOL
+
+
+@pytest.mark.parametrize(
+    ("micro_batches", "deferred"),
+    [(1, False), (2, False), (2, True)],
+    ids=["step", "acc", "no_sync"],
+)
+def test_replicas_stay_identical(micro_batches: int, deferred: bool) -> None:
+    """Note [Identical replicas]: the ranks' parameters are the same bits after AdamW steps
+    (a gradient written as local + (sum - local) rounds differently per rank)."""
+    first, second = run_ranks(2, replica_params, micro_batches, deferred)
+    differing = [name for name in first if not torch.equal(first[name], second[name])]
+    assert not differing, differing

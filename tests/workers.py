@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 from typing import Any
@@ -380,3 +381,20 @@ def table_parity(
             result["warnings"] = [str(w.message) for w in caught if "autosp" in str(w.message)]
         results[name] = found
     return results
+
+
+def replica_params(micro_batches: int, deferred: bool) -> dict[str, torch.Tensor]:
+    """Parameters after three AdamW steps of ``micro_batches`` backward passes each (the
+    first ones under ``no_sync()`` when ``deferred``): every rank's must be the same bits."""
+    model = build("llama")
+    parallel = autosp.parallelize(model, backend=BACKEND)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(3):
+        for micro in range(micro_batches):
+            ids, labels = make_batch(1, 14, seed=10 * step + micro)
+            last = micro == micro_batches - 1
+            with contextlib.nullcontext() if last or not deferred else parallel.no_sync():
+                parallel(input_ids=ids, labels=labels)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    return {name: p.detach().clone() for name, p in model.named_parameters()}

@@ -34,27 +34,48 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def resolve_layout(dp: int | None, sp: int | None, world: int | None) -> tuple[int, int]:
+    """``(dp, sp)`` from ``--dp``/``--sp`` and torchrun's world size (None when spawning)."""
+    for flag, value in (("--dp", dp), ("--sp", sp)):
+        if value is not None and value < 1:
+            raise SystemExit(f"{flag} {value}: must be at least 1")
+    if world is None:
+        return dp or 1, sp or DEFAULT_SP
+    if sp is None:
+        sp = world // (dp or 1)
+    if dp is None:
+        dp = world // sp
+    if dp * sp != world:
+        raise SystemExit(
+            f"--dp {dp} x --sp {sp} = {dp * sp} ranks, but torchrun's WORLD_SIZE is {world}: "
+            "choose sizes whose product is the world size (or give one of them)."
+        )
+    return dp, sp
+
+
 def launch(cfg: TrainConfig) -> None:
-    """Run ``cfg`` on ``cfg.sp`` ranks: this process is one rank under torchrun, else spawn them."""
+    """Run ``cfg`` on ``dp x sp`` ranks: this process is one rank under torchrun, else spawn
+    them."""
     device = resolve_device(cfg.device)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        world = int(os.environ["WORLD_SIZE"])
-        if cfg.sp not in (None, world):
-            raise SystemExit(f"--sp {cfg.sp} differs from torchrun's WORLD_SIZE {world}")
-        run_worker(dataclasses.replace(cfg, sp=world, device=device))
+        dp, sp = resolve_layout(cfg.dp, cfg.sp, int(os.environ["WORLD_SIZE"]))
+        run_worker(dataclasses.replace(cfg, dp=dp, sp=sp, device=device))
         return
 
     model_config(cfg.model)  # a bad --model fails here, not once per rank
-    world = cfg.sp or DEFAULT_SP
+    dp, sp = resolve_layout(cfg.dp, cfg.sp, None)
+    world = dp * sp
     if device == "cuda" and world > torch.cuda.device_count():
-        raise SystemExit(f"--sp {world} needs {world} GPUs, found {torch.cuda.device_count()}")
+        raise SystemExit(
+            f"--dp {dp} x --sp {sp} needs {world} GPUs, found {torch.cuda.device_count()}"
+        )
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = max(1, (cpus or 1) // world)
     port = free_port()
     logger.info("spawning %d ranks on %s (%d threads each), port %d", world, device, threads, port)
     mp.start_processes(
         _spawned,
-        args=(world, port, threads, dataclasses.replace(cfg, sp=world, device=device)),
+        args=(world, port, threads, dataclasses.replace(cfg, dp=dp, sp=sp, device=device)),
         nprocs=world,
         start_method="spawn",
     )

@@ -1,4 +1,12 @@
-"""One rank of the ``autosp train`` job: the training loop."""
+"""One rank of the ``autosp train`` job: the training loop.
+
+Terminal output: rank 0 draws one progress bar whose postfix carries the step's loss, tokens/s
+and peak memory; every step's numbers go to the report, not to the log, so no line lands
+between the bar's redraws (in a terminal each would push the bar down a line, and where stderr
+is a file or a pipe every redraw would become a line of its own between them). The few log
+lines of rank 0 (compilation plans, warnings) are written above the bar through
+``logging_redirect_tqdm``; the other ranks, which cannot clear rank 0's bar, log errors only.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import AutoModelForCausalLM
 
 import autosp
+from autosp.mesh import sequence_parallel_mesh
 from autosp.train import data, presets, report
 
 logger = logging.getLogger(__name__)
@@ -27,6 +36,7 @@ class TrainConfig:
     """Settings of one training run (the ``autosp train`` flags)."""
 
     sp: int | None
+    dp: int | None
     seq_len: int
     steps: int
     batch_size: int
@@ -58,10 +68,11 @@ def run_worker(cfg: TrainConfig) -> None:
     """Join the process group from the torchrun-style environment and train."""
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
     logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
+        level=logging.INFO if rank == 0 else logging.ERROR,
         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+    logging.captureWarnings(True)  # warnings.warn through the handlers, above the bar
     if cfg.device == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -76,25 +87,29 @@ def run_worker(cfg: TrainConfig) -> None:
 
 
 def train(cfg: TrainConfig, device: torch.device) -> None:
-    """Train ``cfg.model`` sequence-parallel over the default process group."""
+    """Train ``cfg.model`` on the ``dp x sp`` mesh over the default process group: each
+    sequence-parallel group on its own share of every step's batches."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = sequence_parallel_mesh(cfg.sp, dp=cfg.dp, device_type=device.type)
     config = presets.model_config(cfg.model)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
-        "model %s: %.2fM parameters; %d ranks on %s; seq_len %d; backend %s",
+        "model %s: %.2fM parameters; %d ranks (dp %d x sp %d) on %s; seq_len %d; backend %s",
         cfg.model,
         n_params / 1e6,
         world,
+        cfg.dp,
+        cfg.sp,
         device.type,
         cfg.seq_len,
         cfg.backend,
     )
-    model = autosp.parallelize(model, backend=cfg.backend)
+    model = autosp.parallelize(model, mesh=mesh, backend=cfg.backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    batches = data.batches(cfg.seq_len, cfg.batch_size, seed=cfg.seed)
-    tokens = cfg.batch_size * cfg.seq_len
+    batches = data.batches(cfg.seq_len, cfg.batch_size, seed=cfg.seed, mesh=mesh)
+    tokens = cfg.dp * cfg.batch_size * cfg.seq_len  # every data-parallel group's
 
     logger.info("step 1 includes compilation")
     history: list[report.StepStats] = []
@@ -109,7 +124,8 @@ def train(cfg: TrainConfig, device: torch.device) -> None:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_value = loss.item()  # waits for the device
+            # The step's loss: the mean of the data-parallel groups' (waits for the device).
+            loss_value = sum(gather_floats(loss.item(), device)) / world
             elapsed = time.perf_counter() - start
             stats = report.StepStats(
                 step=step,
@@ -119,15 +135,11 @@ def train(cfg: TrainConfig, device: torch.device) -> None:
                 peak_mem_mib=gather_floats(peak_memory_mib(device), device),
             )
             history.append(stats)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{stats.tokens_per_s:.0f}")
-            logger.info(
-                "step %d/%d loss %.4f %.2fs %.0f tokens/s peak MiB %s",
-                step,
-                cfg.steps,
-                loss_value,
-                elapsed,
-                stats.tokens_per_s,
-                [round(m) for m in stats.peak_mem_mib],
+            bar.set_postfix(
+                loss=f"{loss_value:.4f}",
+                tok_s=f"{stats.tokens_per_s:.0f}",
+                peak_mib=f"{max(stats.peak_mem_mib):.0f}",
+                refresh=False,  # the bar redraws once, as the step ends
             )
 
     if rank == 0:
