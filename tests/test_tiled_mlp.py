@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -66,6 +67,9 @@ def test_config_checks() -> None:
         autosp.Config(mlp_chunk_tokens=0)
 
 
+MLP_PATH = r"model\.layers\.\d\.mlp"
+PER_CHUNK = r"tokens per chunk\) over sharded tokens"
+
 TILED = {"tile_mlp": True, "mlp_chunk_tokens": 5}
 """Forced on, with chunks that do not divide a rank's rows."""
 
@@ -86,8 +90,15 @@ CASES: dict[str, tuple[str, dict[str, Any], list[int], bool]] = {
 @pytest.fixture(scope="module")
 def results() -> list[dict[str, dict[str, Any]]]:
     """Per rank, each case's ``tiled_parity``."""
-    per_rank = run_ranks(2, tiled_cases, list(CASES.values()))
-    return [dict(zip(CASES, cases, strict=True)) for cases in per_rank]
+    # Inductor compiles apart: each call stays well inside run_ranks's timeout on 2 cores.
+    inductor = [name for name, case in CASES.items() if case[1].get("backend") == "inductor"]
+    others = [name for name in CASES if name not in inductor]
+    merged: list[dict[str, dict[str, Any]]] = [{}, {}]
+    for names in (others, inductor):
+        per_rank = run_ranks(2, tiled_cases, [CASES[name] for name in names])
+        for rank, cases in zip(merged, per_rank, strict=True):
+            rank.update(zip(names, cases, strict=True))
+    return merged
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -123,7 +134,7 @@ def test_plan_and_backward(
         result = rank[case]
         assert len(result["mlp_plan"]) == LAYERS, result["mlp_plan"]
         for line in result["mlp_plan"]:
-            assert f"tiled MLP ({activation}, 5 tokens per chunk)" in line, line
+            assert re.fullmatch(rf"{MLP_PATH}: tiled MLP \({activation}, 5 {PER_CHUNK}", line), line
         for step in result["steps"]:
             assert step["backward_calls"] == {"backward": LAYERS}, step["backward_calls"]
             assert step["collectives"] == {"all_to_all": 4 * LAYERS, "grad_all_reduce": 1}

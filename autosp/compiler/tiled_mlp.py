@@ -65,6 +65,9 @@ half-dozen chunk temporaries stay far below one layer's untiled activations."""
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 """Activations the op knows, with their autograd derivative kernels."""
 
+MODULE_KEY = "autosp_mlp_module"
+"""Node meta: the path of the module a tiled MLP came from, for ``model.plans``."""
+
 
 def chunk_rows(intermediate: int, itemsize: int, chunk_tokens: int | None) -> int:
     """Rows per chunk: ``chunk_tokens``, or as many as make ``CHUNK_BYTES`` of intermediate
@@ -221,8 +224,8 @@ def shard_tiled_mlp(sp: ShardingPass, node: Node) -> None:
         raise UnsupportedOp("a sharded weight")
     sp.emit_local(node, placement)
     sp.plan.mlp.append(
-        f"{node.name}: tiled MLP ({node.args[4]}, {node.args[5]} tokens per chunk) over "
-        "sharded tokens"
+        f"{node.meta.get(MODULE_KEY) or node.name}: tiled MLP ({node.args[4]}, "
+        f"{node.args[5]} tokens per chunk) over sharded tokens"
     )
 
 
@@ -290,6 +293,19 @@ def _gated_mlp(down: Node) -> tuple[Node, Node, Node, Node, str, list[Node]] | N
     return None
 
 
+def _module_path(nodes: list[Node]) -> str | None:
+    """The innermost module whose call made all of ``nodes`` (``model.layers.0.mlp``)."""
+    stacks = [list((n.meta.get("nn_module_stack") or {}).values()) for n in nodes]
+    common = None
+    for entries in zip(*stacks, strict=False):  # stacks may differ in depth
+        if any(e[0] != entries[0][0] for e in entries):
+            break
+        common = entries[0][0]
+    if common is None:
+        return None
+    return common.partition(".")[2] if common.startswith("L[") else common
+
+
 def tile_mlp_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
     """Replace each gated MLP on the token path by ``tiled_mlp`` (Note [Tiled MLP]) where
     ``Config.tile_mlp`` says so."""
@@ -318,6 +334,7 @@ def tile_mlp_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
                 (x, gate_weight, up_weight, down_weight, activation, chunk),
             )
         tiled.meta.update({k: v for k, v in down.meta.items() if k != "recompute"})
+        tiled.meta[MODULE_KEY] = _module_path([inner[0], inner[2], down])
         if "recompute" in down.meta:  # a region the model checkpointed: keep the op saved
             tiled.meta["recompute"] = CheckpointPolicy.MUST_SAVE
         down.replace_all_uses_with(tiled)
