@@ -259,7 +259,7 @@ def _linear(node: Any) -> tuple[Node, Node] | None:
     ):
         return None
     x, weight = node.args[:2]
-    if not (isinstance(x, Node) and isinstance(weight, Node) and meta(weight).dim() == 2):
+    if not all(isinstance(meta(n), torch.Tensor) for n in (x, weight)) or meta(weight).dim() != 2:
         return None
     return x, weight
 
