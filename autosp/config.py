@@ -50,6 +50,15 @@ class Config:
     and collectives kept) or ``"off"`` (what the model's own checkpointing and the compiler
     choose). Takes effect with an AOTAutograd backend (``"inductor"``, ``"aot_eager"``);
     values never change."""
+    tile_mlp: bool | str = "auto"
+    """Run each gated MLP (``down(act(gate(x)) * up(x))``) over chunks of tokens, saving only
+    its input and recomputing each chunk in the backward (Note [Tiled MLP] in
+    ``autosp/compiler/tiled_mlp.py``); exact. ``"auto"`` tiles an MLP when one
+    ``[tokens per rank, intermediate]`` activation exceeds 256 MiB (``tiled_mlp.AUTO_BYTES``);
+    True or False forces it on or off. ``model.plans`` lists the tiled MLPs."""
+    mlp_chunk_tokens: int | None = None
+    """Tokens per chunk of a tiled MLP; None: as many as make 64 MiB of intermediate
+    activation."""
     bucket_mb: float = 25.0
     """Size of the gradient all-reduce buckets."""
     check_inputs: bool = True
@@ -75,6 +84,14 @@ class Config:
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens <= 0:
             raise ValueError(
                 f"autosp: loss_chunk_tokens must be positive, got {self.loss_chunk_tokens}"
+            )
+        if self.tile_mlp not in (True, False, "auto"):
+            raise ValueError(
+                f"autosp: tile_mlp must be True, False or 'auto', got {self.tile_mlp!r}"
+            )
+        if self.mlp_chunk_tokens is not None and self.mlp_chunk_tokens <= 0:
+            raise ValueError(
+                f"autosp: mlp_chunk_tokens must be positive, got {self.mlp_chunk_tokens}"
             )
         if self.bucket_mb <= 0:
             raise ValueError(f"autosp: bucket_mb must be positive, got {self.bucket_mb}")

@@ -40,9 +40,21 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
     "defaults (chunked loss, recompute='cheap')": {},
     "chunked loss + recompute='layers'": {"recompute": "layers"},
+    "defaults + tiled MLP (tile_mlp=True)": {"tile_mlp": True},
+    "MLP 4x wider: defaults": {"intermediate_size": 4096},
+    "MLP 4x wider: defaults + tiled MLP (tile_mlp=True)": {
+        "intermediate_size": 4096,
+        "tile_mlp": True,
+    },
+    "MLP 4x wider: defaults + tiled MLP, 1024-token chunks": {
+        "intermediate_size": 4096,
+        "tile_mlp": True,
+        "mlp_chunk_tokens": 1024,
+    },
 }
 """autosp options per configuration; ``hf_checkpointing`` calls the model's
-``gradient_checkpointing_enable()`` first."""
+``gradient_checkpointing_enable()`` first; ``intermediate_size`` replaces the reference's MLP
+width (1,024), for a model whose MLP activations outweigh the rest."""
 
 
 class PeakRSS:
@@ -73,13 +85,13 @@ class PeakRSS:
         self.growth = self.peak - self.base
 
 
-def _model() -> torch.nn.Module:
+def _model(intermediate_size: int = 1024) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=32000,
         hidden_size=256,
-        intermediate_size=1024,
+        intermediate_size=intermediate_size,
         num_hidden_layers=4,
         num_attention_heads=8,
         num_key_value_heads=4,
@@ -97,8 +109,8 @@ def _run(rank: int, port: int, options: dict, seq: int, steps: int, queue: Any) 
     import autosp
 
     torch.manual_seed(0)
-    model = _model()
     options = dict(options)
+    model = _model(options.pop("intermediate_size", 1024))
     if options.pop("hf_checkpointing", False):
         model.gradient_checkpointing_enable()
     parallel = autosp.parallelize(model, backend="inductor", **options)
@@ -121,7 +133,7 @@ def _run(rank: int, port: int, options: dict, seq: int, steps: int, queue: Any) 
             "first_s": times[0],
             "rss_growth_mib": max(growth[1:]),
             "loss": losses[0],
-            "plan": [line for p in parallel.plans for line in p.loss],
+            "plan": [line for p in parallel.plans for line in p.loss + p.mlp],
         }
     )
     dist.destroy_process_group()
@@ -196,8 +208,8 @@ def main() -> None:
         fitted = fit(rows, args.memory_gib * 1024) if len(rows) > 1 else {}
         record["results"][name] = {"rows": rows, **fitted}
         print(json.dumps({"config": name, **fitted}), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        if args.out:  # after each configuration, so a run cut short keeps what it measured
+            args.out.write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

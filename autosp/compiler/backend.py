@@ -141,7 +141,7 @@ class AutoSPBackend:
             local_gm = run_passes(REWRITE_PASSES, gm, ctx)
             plan = ctx.plan
             logger.debug("autosp rank-local graph:\n%s", local_gm.code)
-            for line in plan.attention + plan.loss + plan.recompute:
+            for line in plan.attention + plan.loss + plan.mlp + plan.recompute:
                 logger.info("autosp: %s", line)
             self.state.plans.append(plan)
             return inner(local_gm, list(example_inputs) if inputs is None else inputs), plan

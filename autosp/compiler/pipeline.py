@@ -29,6 +29,7 @@ from autosp.compiler.loss import require_loss_pass  # also registers the loss ru
 from autosp.compiler.masks import recognise_masks_pass
 from autosp.compiler.propagate import shard_sequence_pass
 from autosp.compiler.recompute import tag_recompute_pass
+from autosp.compiler.tiled_mlp import tile_mlp_pass  # also registers its rule
 
 Pass = Callable[[GraphModule, CompileContext], GraphModule]
 
@@ -39,6 +40,7 @@ ANALYSIS_PASSES: tuple[Pass, ...] = (
     require_loss_pass,  # labels given: a loss must be returned
     recognise_masks_pass,  # causal / structured masks, so none is built S x S
     chunk_loss_pass,  # lm head + cross-entropy over token chunks: no whole logits
+    tile_mlp_pass,  # gated MLPs over token chunks: only their inputs saved
 )
 
 REWRITE_PASSES: tuple[Pass, ...] = (

@@ -60,6 +60,8 @@ class Plan:
     gathered_ops: list[str] = field(default_factory=list)
     loss: list[str] = field(default_factory=list)
     recompute: list[str] = field(default_factory=list)
+    mlp: list[str] = field(default_factory=list)
+    """The MLPs run over chunks of tokens (Note [Tiled MLP])."""
 
 
 class UnsupportedOp(Exception):

@@ -1,0 +1,83 @@
+"""Rank functions of tests/test_tiled_mlp.py (module level, so they pickle)."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import autosp
+from tests.models import FAMILIES
+from tests.workers import grad_errors, make_batch
+
+TILED_OPS = {
+    torch.ops.autosp.tiled_mlp.default: "forward",
+    torch.ops.autosp.tiled_mlp_backward.default: "backward",
+}
+
+
+class CountTiled(TorchDispatchMode):
+    """Counts calls of the tiled MLP's forward and backward ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in TILED_OPS:
+            self.calls[TILED_OPS[func]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def tiled_parity(
+    name: str, options: dict[str, Any], seqs: list[int], checkpointed: bool = False
+) -> dict[str, Any]:
+    """One training step per sequence length of FAMILIES[name] under ``options`` against one
+    process: errors, the MLP plans, gathered ops, the tiled ops the backward calls, the
+    backward's collectives and the bytes saved for the backward."""
+    torch.manual_seed(0)
+    model = FAMILIES[name]()
+    if checkpointed:
+        model.gradient_checkpointing_enable()
+    ref = copy.deepcopy(model)
+    parallel = autosp.parallelize(model, **{"backend": "aot_eager", **options})
+    steps = []
+    for seq in seqs:
+        ids, labels = make_batch(2, seq, seed=seq)
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = parallel(input_ids=ids, labels=labels)["loss"]
+        with CountTiled() as backward, autosp.count_collectives() as collectives:
+            loss.backward()
+        expected = ref(input_ids=ids, labels=labels)["loss"]
+        expected.backward()
+        steps.append(
+            {
+                "loss_rel_err": abs(loss.item() - expected.item()) / abs(expected.item()),
+                "grad_rel_err": grad_errors(model, ref),
+                "backward_calls": dict(backward.calls),
+                "collectives": dict(collectives),
+                "saved_bytes": sum(saved),
+            }
+        )
+        model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+    return {
+        "steps": steps,
+        "compiles": len(parallel.plans),
+        "mlp_plan": [line for p in parallel.plans for line in p.mlp],
+        "gathered_ops": sorted({op for p in parallel.plans for op in p.gathered_ops}),
+    }
+
+
+def tiled_cases(cases: list[tuple[str, dict[str, Any], list[int], bool]]) -> list[dict]:
+    """``tiled_parity`` for each ``(name, options, seqs, checkpointed)`` in one group."""
+    return [tiled_parity(*case) for case in cases]
