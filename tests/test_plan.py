@@ -16,8 +16,8 @@ import torch
 
 from autosp.cli import main
 from autosp.errors import AutoSPError
-from autosp.plan import PRESETS, Plan, PlanSettings, plan, plan_config
-from autosp.plan.planner import GIB
+from autosp.plan.planner import GIB, Plan, PlanSettings, plan
+from autosp.plan.presets import PRESETS, plan_config
 from autosp.plan.trace import CATEGORIES
 
 ROOT = Path(__file__).resolve().parent.parent

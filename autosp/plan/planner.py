@@ -26,6 +26,8 @@ reuse its graphs."""
 FIRST_FIT = 32
 """The second traced length, in multiples of the first: the line is fitted over this span."""
 MAX_TRACES = 16
+MAX_GROWTH = 16
+"""The search lengthens a fitting length at most this many times per trace."""
 GIB = 2**30
 
 Progress = Callable[[str], None]
@@ -190,7 +192,6 @@ class Emulator:
             recompute=settings.recompute,
         )
         self.optimizer = Optimizer(self.params, settings.optimizer)
-        self.vocab = config.vocab_size
 
     def _step(self, seq_len: int, tracker: MemoryTracker | None) -> int:
         ids = torch.zeros(self.settings.batch_size, seq_len, dtype=torch.long)
@@ -225,6 +226,12 @@ class Emulator:
             tracker.add(t, "optimizer")
         with tracker:
             saved = self._step(seq_len, tracker)
+        if not tracker.autosp_ops:
+            raise AutoSPError(
+                "autosp plan: the traced step ran none of autosp's ops: torch.compile did not "
+                "run the parallelized graph under the memory tracker (an active dispatch mode "
+                "or torch.compiler.disable around the call?); the plan would be wrong"
+            )
         return tracker.result(saved)
 
     def plan_lines(self) -> list[str]:
@@ -370,7 +377,7 @@ def plan(
                 )
             return traced[seq_len]
 
-        largest = _search(trace, budget, step, settings.max_tokens, settings)
+        largest = _search(trace, traced, budget, step, settings.max_tokens, settings)
         for extra in settings.lengths:
             trace(extra)
         for i in range(1, settings.curve_points + 1):
@@ -394,50 +401,53 @@ def plan(
         )
 
 
+def _growing(point: Point) -> int:
+    """The forward and backward peak: what grows with the tokens (the optimizer step's peak
+    does not, and was checked to fit at the shortest length)."""
+    return max(point.memory.phase_peaks[PHASES[0]], point.memory.phase_peaks[PHASES[1]])
+
+
 def _search(
-    trace: Callable[[int], Point], budget: int, step: int, cap: int, settings: PlanSettings
+    trace: Callable[[int], Point],
+    traced: dict[int, Point],
+    budget: int,
+    step: int,
+    cap: int,
+    settings: PlanSettings,
 ) -> int:
-    """The largest multiple of ``step`` up to ``cap`` whose traced peak fits ``budget``."""
+    """The largest multiple of ``step`` up to ``cap`` whose traced peak fits ``budget``: a
+    secant search on the forward and backward peak, over traced lengths, bracketing the
+    answer between a length that fits and the next one, which does not."""
     first = trace(step)
     if first.memory.peak > budget:
         raise _too_small(first.memory, step, settings)
     fits, over = step, None
-    second = trace(min(cap, FIRST_FIT * step))
-    known = [first, second]
-    if second.memory.peak <= budget:
-        fits = second.seq_len
-    else:
-        over = second.seq_len
+    candidate = min(cap, FIRST_FIT * step)
     for _ in range(MAX_TRACES):
+        if trace(candidate).memory.peak <= budget:
+            fits = max(fits, candidate)
+        else:
+            over = candidate if over is None else min(over, candidate)
         if over is not None and over - fits <= step:
             return fits
         if over is None and fits >= cap:
             return cap
-        low, high = sorted(known, key=lambda p: p.seq_len)[-2:]
+        low = trace(fits)
         if over is not None:
-            low, high = trace(fits), trace(over)
-        rise = high.memory.peak - low.memory.peak
-        run = high.seq_len - low.seq_len
-        guess = low.seq_len + (budget - low.memory.peak) * run / rise if rise > 0 else float(cap)
-        guess = int(min(guess, cap)) // step * step
-        upper = (over - step) if over is not None else cap
-        candidate = min(max(guess, fits + step), upper)
-        if candidate in {p.seq_len for p in known}:  # the secant stalled: bisect
-            candidate = (fits + (over if over is not None else 2 * fits)) // 2 // step * step
-            candidate = min(max(candidate, fits + step), upper)
-        point = trace(candidate)
-        known.append(point)
-        if point.memory.peak <= budget:
-            fits = candidate
-            if over is None:  # the next length decides whether the line's guess was it
-                nxt = trace(min(cap, candidate + step))
-                known.append(nxt)
-                if nxt.memory.peak <= budget:
-                    fits = nxt.seq_len
-                else:
-                    over = nxt.seq_len
-        else:
-            over = candidate
+            high = trace(over)
+        else:  # the longest fitting length and the one below it
+            high, low = low, trace(max((n for n in traced if n < fits), default=step))
+        rise, run = _growing(high) - _growing(low), high.seq_len - low.seq_len
+        guess = (
+            low.seq_len + (budget - _growing(low)) * run / rise
+            if rise > 0 and run
+            else fits * MAX_GROWTH
+        )
+        upper = min(cap, fits * MAX_GROWTH) if over is None else over - step
+        candidate = min(max(int(guess) // step * step, fits + step), upper)
+        if candidate in traced:  # the secant stalled: bisect
+            middle = (fits + (over if over is not None else 2 * fits)) // 2
+            candidate = min(max(middle // step * step, fits + step), upper)
     raise AutoSPError(
         f"autosp plan: no answer after {MAX_TRACES} traced lengths (last: {fits:,} fits, "
         f"{over:,} does not); the peak is far from linear in the tokens: trace explicit "

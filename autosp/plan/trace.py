@@ -77,7 +77,9 @@ class StepMemory:
     saved_at_forward_end: int
     """What the forward leaves for the backward (the recomputation policy's result)."""
     ops: int
-    """Ops the compiled step ran (a check that the trace saw the step)."""
+    """Ops the step ran."""
+    autosp_ops: int
+    """autosp's own ops among them (none: the trace did not see the parallelized graph)."""
 
 
 class MemoryTracker(TorchDispatchMode):
@@ -97,6 +99,7 @@ class MemoryTracker(TorchDispatchMode):
         self.phase = PHASES[0]
         self.phase_peaks = dict.fromkeys(PHASES, 0)
         self.ops = 0
+        self.autosp_ops = 0
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
@@ -138,6 +141,7 @@ class MemoryTracker(TorchDispatchMode):
         kwargs = kwargs or {}
         self.ops += 1
         if func.namespace == "autosp":
+            self.autosp_ops += 1
             # Fake tensors would run only the op's shape function: run its implementation,
             # with this mode on, so the op's own buffers are followed too.
             with self:
@@ -160,6 +164,7 @@ class MemoryTracker(TorchDispatchMode):
             phase_peaks=dict(self.phase_peaks),
             saved_at_forward_end=saved_at_forward_end,
             ops=self.ops,
+            autosp_ops=self.autosp_ops,
         )
 
 
@@ -185,7 +190,6 @@ class Optimizer:
         self.adamw = torch.optim.AdamW(targets, lr=1e-4, foreach=True)  # CUDA's default
 
     def state_tensors(self) -> list[torch.Tensor]:
-        assert self.adamw is not None or self.kind == "none"
         states = [
             t
             for state in (self.adamw.state.values() if self.adamw else [])
