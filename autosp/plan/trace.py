@@ -8,8 +8,9 @@ tensors (``FakeTensorMode``: shapes, dtypes and storage sizes, no data), and the
 sequence-parallel group is torch's ``fake`` process group of ``sp`` ranks in one process,
 this process playing rank 0 (collectives move nothing; their outputs have the right shapes).
 The model goes through ``autosp.parallelize`` as in training, compiled with ``aot_eager``:
-the same rewritten rank-local graph, the same AOTAutograd partitioner and recomputation tags
-as Inductor, run op by op. Then one step -- forward, backward (with the gradient all-reduce),
+the same rewritten rank-local graph, AOTAutograd's min-cut partitioner and autosp's
+recomputation tags, run op by op (on the CPU benchmark's model the saved bytes equal those
+with Inductor's decompositions and partitioner, ``aot_eager_decomp_partition``). Then one step -- forward, backward (with the gradient all-reduce),
 optimizer step -- runs under ``MemoryTracker``, a dispatch mode that sees every op the
 compiled graphs run and follows every storage from its allocation to its release, so its
 peak is the peak of live tensor bytes on the rank.
@@ -20,8 +21,9 @@ their internal buffers (a chunk's logits, the fp32 weight-gradient accumulator) 
 
 What it does not see: the allocator's rounding and caching, the runtime's own memory (CUDA
 context, gloo buffers, Python), and kernel workspaces. Inductor fuses pointwise ops, so its
-transients are smaller than the op-by-op ones counted here; on the CPU benchmark
-(``benchmarks/plan_vs_measured.py``) the comparison is recorded.
+transients can be smaller than the op-by-op ones counted here; against the CPU allocator's
+live bytes of an Inductor run the traced peak is recorded by
+``benchmarks/plan_vs_measured.py``.
 
 Every live byte at the peak is given one category:
 
