@@ -31,7 +31,8 @@ def _adamw_fp32_bytes(parameters: int, tensors: int) -> int:
 
 BUDGET_GIB = {"llama-3.2-1b": 3.5, "llama-3.1-8b": 11.5, "qwen2.5-7b": 12.5}
 """About 1 GiB above the one-layer models' peak at 1,024 tokens (weights, gradients and the
-chunked loss's fp32 weight-gradient buffers): a short search (no optimizer: ``test_options_change_memory`` checks its state)."""
+chunked loss's fp32 weight-gradient buffers): a short search (no optimizer:
+``test_options_change_memory`` checks its state)."""
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
