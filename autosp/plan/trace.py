@@ -10,10 +10,11 @@ this process playing rank 0 (collectives move nothing; their outputs have the ri
 The model goes through ``autosp.parallelize`` as in training, compiled with ``aot_eager``:
 the same rewritten rank-local graph, AOTAutograd's min-cut partitioner and autosp's
 recomputation tags, run op by op (on the CPU benchmark's model the saved bytes equal those
-with Inductor's decompositions and partitioner, ``aot_eager_decomp_partition``). Then one step -- forward, backward (with the gradient
-all-reduce), optimizer step -- runs under ``MemoryTracker``, a dispatch mode that sees every op the
-compiled graphs run and follows every storage from its allocation to its release, so its
-peak is the peak of live tensor bytes on the rank.
+with Inductor's decompositions and partitioner, ``aot_eager_decomp_partition``). Then one
+step -- forward, backward (with the gradient all-reduce), optimizer step -- runs under
+``MemoryTracker``, a dispatch mode that sees every op the compiled graphs run and follows
+every storage from its allocation to its release, so its peak is the peak of live tensor
+bytes on the rank.
 
 autosp's own custom ops (chunked loss, collectives, ring attention) would run only their
 shape functions on fake tensors; the tracker runs their real implementations instead, so
