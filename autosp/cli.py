@@ -1,4 +1,4 @@
-"""Command-line interface: ``autosp train``."""
+"""Command-line interface: ``autosp train``, ``autosp plan``."""
 
 from __future__ import annotations
 
@@ -65,12 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed for weights and data (%(default)s)"
     )
     train.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
+    from autosp.plan.command import add_arguments as add_plan_arguments
+
+    add_plan_arguments(
+        commands.add_parser(
+            "plan", help="the longest sequence that fits a memory size, by tracing the step"
+        )
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``autosp`` command line; return the exit status."""
     args = build_parser().parse_args(argv)
+    if args.command == "plan":
+        from autosp.plan.command import run as run_plan
+
+        return run_plan(args)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
