@@ -186,19 +186,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    import transformers
-
-    record: dict[str, Any] = {
-        "command": "python benchmarks/memory_cpu.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.node()}",
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
-        "date": time.strftime("%Y-%m-%d"),
-        "results": {},
-    }
+    record = run_header("memory_cpu.py")
     for name in args.configs:
         rows = []
         for seq in args.seqs:
@@ -210,6 +198,23 @@ def main() -> None:
         print(json.dumps({"config": name, **fitted}), flush=True)
         if args.out:  # after each configuration, so a run cut short keeps what it measured
             args.out.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def run_header(script: str) -> dict[str, Any]:
+    """What a results file records about its run: command, machine, versions, date."""
+    import transformers
+
+    return {
+        "command": f"python benchmarks/{script} " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.node()}",
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "date": time.strftime("%Y-%m-%d"),
+        "results": {},
+    }
 
 
 if __name__ == "__main__":

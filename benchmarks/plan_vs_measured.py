@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_cpu import CONFIGS, WORLD, PeakRSS, _model  # noqa: E402 - the benchmark's model
+from memory_cpu import CONFIGS, WORLD, PeakRSS, _model, run_header  # noqa: E402 - the benchmark's model
 
 MIB = 2**20
 DEFAULT_CONFIGS = [
@@ -158,21 +157,11 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor", choices=["inductor", "aot_eager"])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    import transformers
-
     record: dict[str, Any] = {
-        "command": "python benchmarks/plan_vs_measured.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.node()}",
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
-        "date": time.strftime("%Y-%m-%d"),
+        **run_header("plan_vs_measured.py"),
         "measured_backend": args.backend,
         "compared": "planned = traced peak on rank 0 less the weights; measured = the step's "
         "peak growth per rank (max of 2): allocator live bytes (profiler) and RSS",
-        "results": {},
     }
     for name in args.configs:
         options = CONFIGS[name]
