@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 ATTENTION_STRATEGIES = ("auto", "ulysses", "ring", "hybrid")
-RECOMPUTE_POLICIES = ("off", "cheap", "layers")
+RECOMPUTE_POLICIES = ("auto", "off", "cheap", "layers")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -43,13 +43,19 @@ class Config:
     return_logits: bool = False
     """Whether a forward whose loss is chunked also returns its logits (built whole, by the
     model's own head). False returns None in their place: a training step reads the loss."""
-    recompute: str = "cheap"
+    recompute: str = "auto"
     """What the backward recomputes (Note [Sequence-aware recomputation] in
     ``autosp/compiler/recompute.py``): ``"cheap"`` (inside each layer everything but
     attention, collectives and matmuls), ``"layers"`` (each layer from its input, attention
-    and collectives kept) or ``"off"`` (what the model's own checkpointing and the compiler
-    choose). Takes effect with an AOTAutograd backend (``"inductor"``, ``"aot_eager"``);
-    values never change."""
+    and collectives kept), ``"off"`` (what the model's own checkpointing and the compiler
+    choose) or ``"auto"``: ``"cheap"`` for a call whose saved activations fit in
+    ``activation_memory_gib``, else ``"layers"`` (Note [Recomputation by length]). Takes
+    effect with an AOTAutograd backend (``"inductor"``, ``"aot_eager"``); values never
+    change."""
+    activation_memory_gib: float | None = None
+    """Under ``recompute="auto"``: GiB per rank that ``"cheap"``'s saved activations may take
+    before a call switches to ``"layers"``; None: half of the memory of the rank's device
+    (a GPU's, or the host's shared by its ranks)."""
     tile_mlp: bool | str = "auto"
     """Run each gated MLP (``down(act(gate(x)) * up(x))``) over chunks of tokens, saving only
     its input and recomputing each chunk in the backward (Note [Tiled MLP] in
@@ -80,6 +86,10 @@ class Config:
             raise ValueError(
                 f"autosp: recompute {self.recompute!r} is not one of "
                 f"{', '.join(RECOMPUTE_POLICIES)}"
+            )
+        if self.activation_memory_gib is not None and self.activation_memory_gib <= 0:
+            raise ValueError(
+                f"autosp: activation_memory_gib must be positive, got {self.activation_memory_gib}"
             )
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens <= 0:
             raise ValueError(

@@ -38,7 +38,9 @@ chunked loss's fp32 weight-gradient buffers): a short search (no optimizer:
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_preset_plans(preset: str) -> None:
     config = plan_config(preset, num_layers=1)
-    settings = PlanSettings(memory_gib=BUDGET_GIB[preset], sp=8, optimizer="none", curve_points=0)
+    settings = PlanSettings(
+        memory_gib=BUDGET_GIB[preset], sp=8, optimizer="none", recompute="cheap", curve_points=0
+    )
     result = plan(config, settings, name=preset)
 
     step = settings.step
@@ -88,6 +90,20 @@ def test_options_change_memory() -> None:
         assert p.memory.breakdown["optimizer"] == _adamw_fp32_bytes(sum(params), len(params))
     assert cheap.slope < off.slope
     assert any("cheap" in line for line in cheap.plans)
+
+
+def test_auto_recompute_switches_in_the_plan() -> None:
+    """Under the default recompute="auto" the planner traces what parallelize would run:
+    "cheap" at short lengths, "layers" once "cheap"'s saved activations pass half the memory
+    (Note [Recomputation by length]); the answer still fits and the next length does not."""
+    settings = PlanSettings(memory_gib=0.05, sp=2, optimizer="none", curve_points=0)
+    assert settings.recompute == "auto"
+    result = plan(plan_config("tiny"), settings)
+    chosen = [line.split(" for ")[0] for line in result.plans if line.startswith("auto chose")]
+    assert set(chosen) == {"auto chose 'cheap'", "auto chose 'layers'"}, result.plans
+    budget = int(settings.memory_gib * GIB)
+    assert result.point(result.largest).memory.peak <= budget
+    assert result.point(result.largest + settings.step).memory.peak > budget
 
 
 def test_cli_prints_table_and_writes_plot(tmp_path: Path) -> None:

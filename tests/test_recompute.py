@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import autosp
 from tests.multirank import run_ranks
-from tests.workers import recompute_step
+from tests.workers import auto_recompute_steps, recompute_step
 
 LAYERS = 2  # tests.models builds two-layer models
 
@@ -37,6 +39,33 @@ def test_less_is_saved(steps: dict[str, list[dict]]) -> None:
     assert steps["off"][0]["plan"] == []
 
 
+def _limit(line: str) -> int:
+    """The tokens per rank up to which a plan line of recompute="auto" keeps "cheap"."""
+    return int(re.search(r"'cheap' up to ~([\d,]+) tokens", line)[1].replace(",", ""))
+
+
+def test_auto_switches_with_length() -> None:
+    """recompute="auto" runs "cheap" while its saved activations fit the budget and "layers"
+    above, per call (Note [Recomputation by length]); both exact, "layers" saves less."""
+    assert autosp.Config().recompute == "auto"
+    (probe,) = run_ranks(2, auto_recompute_steps, 1.0, (32,))[0]
+    per_token = 2**30 / _limit(probe["plan"][-1])  # bytes "cheap" saves per token of a rank
+    budget = 48 * per_token / 2**30  # batch 2: 32 tokens per rank at 32, 64 at 64
+    for rank in run_ranks(2, auto_recompute_steps, budget, (32, 64, 32)):
+        short, long, again = rank
+        for step in rank:
+            assert step["loss_rel_err"] <= 1e-5, step
+            assert max(step["grad_rel_err"].values()) <= 1e-4, step["grad_rel_err"]
+        assert short["plan"][0].startswith(f"cheap: {LAYERS} "), short["plan"]
+        assert short["plan"][1].startswith("auto chose 'cheap' for 32 tokens per rank")
+        assert long["plan"][0].startswith(f"layers: {LAYERS} "), long["plan"]
+        assert long["plan"][1].startswith("auto chose 'layers' for 64 tokens per rank")
+        assert again["plan"] == []  # the traced graph again: nothing compiled
+        assert long["saved_bytes"] < 2 * short["saved_bytes"]  # "cheap" would save 2x
+
+
 def test_unknown_policy() -> None:
-    with pytest.raises(ValueError, match="recompute 'all' is not one of off, cheap, layers"):
+    with pytest.raises(ValueError, match="recompute 'all' is not one of auto, off, cheap, layers"):
         autosp.Config(recompute="all")
+    with pytest.raises(ValueError, match="activation_memory_gib must be positive, got 0"):
+        autosp.Config(activation_memory_gib=0)

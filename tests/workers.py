@@ -334,6 +334,43 @@ def recompute_step(family: str, recompute: str) -> dict[str, Any]:
     }
 
 
+def auto_recompute_steps(budget_gib: float, lengths: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Training steps at ``lengths`` (batch 2) under ``recompute="auto"`` with a budget: per
+    step, parity with one process, the bytes saved for the backward and the recompute plan
+    of the graph the step ran."""
+    model = build("llama")
+    ref = copy.deepcopy(model)
+    parallel = autosp.parallelize(
+        model, backend="aot_eager", recompute="auto", activation_memory_gib=budget_gib
+    )
+    results = []
+    for seq in lengths:
+        ids, labels = make_batch(2, seq, seed=seq)
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t.numel() * t.element_size())  # noqa: B023 - used at once
+            return t
+
+        plans = len(parallel.plans)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = parallel(input_ids=ids, labels=labels)["loss"]
+        loss.backward()
+        expected = ref(input_ids=ids, labels=labels)["loss"]
+        expected.backward()
+        results.append(
+            {
+                "loss_rel_err": abs(loss.item() - expected.item()) / abs(expected.item()),
+                "grad_rel_err": grad_errors(model, ref),
+                "saved_bytes": sum(saved),
+                "plan": [line for p in parallel.plans[plans:] for line in p.recompute],
+            }
+        )
+        for m in (model, ref):
+            m.zero_grad()
+    return results
+
+
 def mesh_parity() -> list[dict]:
     """``parity`` with the group given as a 1-D DeviceMesh."""
     from torch.distributed.device_mesh import init_device_mesh

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch.fx import GraphModule
+from torch.utils._python_dispatch import _disable_current_modes
 
 from autosp.compiler import runtime
 from autosp.compiler.context import CompileContext, GroupInfo
@@ -25,6 +26,7 @@ from autosp.compiler.find_sequence import input_name, is_user_input
 from autosp.compiler.masks import MaskPlan
 from autosp.compiler.pipeline import ANALYSIS_PASSES, REWRITE_PASSES, run_passes
 from autosp.compiler.propagate import Plan
+from autosp.compiler.recompute import AutoRecompute, tokens_per_rank
 from autosp.shards import register_shard
 
 if TYPE_CHECKING:
@@ -43,14 +45,15 @@ class TraceState:
     plans: list[Plan] = field(default_factory=list)
 
 
-Compile = Callable[[MaskPlan, list[Any] | None], tuple[Callable[..., Any], Plan]]
-"""Compile the rank-local graph for a mask plan, traced with the given inputs (``None``: the
-example inputs Dynamo traced with)."""
+Compile = Callable[[MaskPlan, list[Any] | None, str], tuple[Callable[..., Any], Plan]]
+"""Compile the rank-local graph for a mask plan and a recomputation policy, traced with the
+given inputs (``None``: the example inputs Dynamo traced with)."""
 
 
 class Runner:
     """Runs the compiled rank-local graph: picks the graph whose mask assumptions hold
-    (Note [Mask probing]) and trims padding off sharded outputs."""
+    (Note [Mask probing]) and whose recomputation suits the call's length (Note
+    [Recomputation by length]), and trims padding off sharded outputs."""
 
     def __init__(
         self,
@@ -59,11 +62,13 @@ class Runner:
         gm: GraphModule,
         group: dist.ProcessGroup,
         seq_source: tuple[str, int],
+        recompute: tuple[str, AutoRecompute | None],
     ) -> None:
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self.compile_graph = compile_graph
         self.masks = masks
-        self.traced = compile_graph(masks, None)
+        self.policy, self.auto = recompute
+        self.traced = compile_graph(masks, None, self.policy)
         self.fallbacks: dict[tuple[Any, ...], tuple[Callable[..., Any], Plan]] = {}
         self.placeholders = [p.name for p in placeholders]
         self.group = group
@@ -75,18 +80,34 @@ class Runner:
 
     def _select(self, args: Sequence[Any]) -> tuple[Callable[..., Any], Plan]:
         """The graph of the first mask plan of the chain whose guards hold (Note [Mask
-        probing]). The first plan's graph was compiled while Dynamo traced, for every length;
-        a later plan's graph is compiled on first use, outside that trace, so for the shapes
-        of this call: it is kept per plan and input shapes."""
+        probing]), for the call's recomputation policy. The first plan's graph was compiled
+        while Dynamo traced, for every length; a later plan's graph, or one for another
+        policy, is compiled on first use, outside that trace, so for the shapes of this call:
+        it is kept per plan, policy and input shapes."""
         plan, level = self.masks, 0
         failed: list[str] = []
         while broken := [g for g in plan.guards if not g.holds(args[g.index])]:
             failed += [self.inputs.get(g.index, self.placeholders[g.index]) for g in broken]
             plan, level = plan.fallback or MaskPlan({}, ()), level + 1
-        if level == 0:
+        policy = self.policy
+        if self.auto is not None:
+            tokens = tokens_per_rank(args[self.seq_index], self.seq_dim, self.world)
+            policy = self.auto.policy(tokens)
+        if level == 0 and policy == self.policy:
             return self.traced
-        key = (level, *(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
-        if key not in self.fallbacks:
+        key = (level, policy)
+        key += tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        if key in self.fallbacks:
+            return self.fallbacks[key]
+        if policy != self.policy:
+            logger.info(
+                "autosp: recompute='auto' chose %r for %s tokens per rank (the traced graph "
+                "has %r); compiling a graph for inputs of these shapes",
+                policy,
+                f"{tokens:,}",
+                self.policy,
+            )
+        if level:
             logger.warning(
                 "autosp: inputs %s do not have the values the attention masks were recognised "
                 "for (plain positions, all ones, 0/1 padding, the traced values of non-sequence "
@@ -94,7 +115,9 @@ class Runner:
                 "where they hold, else the model's own mask)",
                 ", ".join(dict.fromkeys(failed)),
             )
-            self.fallbacks[key] = self.compile_graph(plan, list(args))
+        # No dispatch mode of the caller sees the compilation, as when Dynamo compiles.
+        with _disable_current_modes():
+            self.fallbacks[key] = self.compile_graph(plan, list(args), policy)
         return self.fallbacks[key]
 
     def __call__(self, *args: Any) -> Any:
@@ -134,10 +157,15 @@ class AutoSPBackend:
         gm = run_passes(ANALYSIS_PASSES, gm, ctx)
         inner = torch._dynamo.lookup_backend(self.config.backend)
 
+        seq_index = [p.name for p in gm.graph.find_nodes(op="placeholder")].index(ctx.seq_source[0])
+
         def compile_graph(
-            masks: MaskPlan, inputs: list[Any] | None
+            masks: MaskPlan, inputs: list[Any] | None, recompute: str
         ) -> tuple[Callable[..., Any], Plan]:
             ctx.masks = masks
+            ctx.recompute = recompute
+            tokens = (ctx.example_inputs if inputs is None else inputs)[seq_index]
+            ctx.tokens_per_rank = tokens_per_rank(tokens, ctx.seq_source[1], ctx.group.world)
             local_gm = run_passes(REWRITE_PASSES, gm, ctx)
             plan = ctx.plan
             logger.debug("autosp rank-local graph:\n%s", local_gm.code)
@@ -146,4 +174,11 @@ class AutoSPBackend:
             self.state.plans.append(plan)
             return inner(local_gm, list(example_inputs) if inputs is None else inputs), plan
 
-        return Runner(compile_graph, ctx.masks, gm, self.group, ctx.seq_source)
+        return Runner(
+            compile_graph,
+            ctx.masks,
+            gm,
+            self.group,
+            ctx.seq_source,
+            (ctx.recompute, ctx.auto_recompute),
+        )

@@ -10,6 +10,7 @@ import sympy
 if TYPE_CHECKING:
     from autosp.compiler.masks import MaskPlan
     from autosp.compiler.propagate import Plan
+    from autosp.compiler.recompute import AutoRecompute
     from autosp.config import Config
 
 
@@ -48,3 +49,9 @@ class CompileContext:
     again with the plan's fallback."""
     plan: Plan | None = None
     """What the sharding pass did (``shard_sequence_pass``)."""
+    recompute: str = "off"
+    """The recomputation policy of the graph being built (``estimate_recompute_pass``)."""
+    auto_recompute: AutoRecompute | None = None
+    """Under ``recompute="auto"``, the rule that picks each call's policy."""
+    tokens_per_rank: int = 0
+    """Tokens one rank holds in the call the graph being built is for."""

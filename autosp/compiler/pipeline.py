@@ -28,7 +28,7 @@ from autosp.compiler.find_sequence import find_sequence_pass
 from autosp.compiler.loss import require_loss_pass  # also registers the loss rules
 from autosp.compiler.masks import recognise_masks_pass
 from autosp.compiler.propagate import shard_sequence_pass
-from autosp.compiler.recompute import tag_recompute_pass
+from autosp.compiler.recompute import estimate_recompute_pass, tag_recompute_pass
 from autosp.compiler.tiled_mlp import tile_mlp_pass  # also registers its rule
 
 Pass = Callable[[GraphModule, CompileContext], GraphModule]
@@ -41,6 +41,7 @@ ANALYSIS_PASSES: tuple[Pass, ...] = (
     recognise_masks_pass,  # causal / structured masks, so none is built S x S
     chunk_loss_pass,  # lm head + cross-entropy over token chunks: no whole logits
     tile_mlp_pass,  # gated MLPs over token chunks: only their inputs saved
+    estimate_recompute_pass,  # recompute="auto": each call's policy from its length
 )
 
 REWRITE_PASSES: tuple[Pass, ...] = (

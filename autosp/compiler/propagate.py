@@ -62,6 +62,9 @@ class Plan:
     recompute: list[str] = field(default_factory=list)
     mlp: list[str] = field(default_factory=list)
     """The MLPs run over chunks of tokens (Note [Tiled MLP])."""
+    cheap_limit: int | None = None
+    """Under ``recompute="auto"``: the tokens per rank up to which a call runs ``"cheap"``
+    (Note [Recomputation by length])."""
 
 
 class UnsupportedOp(Exception):

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="autosp's chunked head and loss (%(default)s)",
     )
     parser.add_argument(
-        "--recompute", choices=list(RECOMPUTE_POLICIES), default="cheap", help="(%(default)s)"
+        "--recompute", choices=list(RECOMPUTE_POLICIES), default="auto", help="(%(default)s)"
     )
     parser.add_argument(
         "--multiple", type=int, default=1024, help="the answer's granularity in tokens"

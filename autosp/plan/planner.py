@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from autosp.compiler.recompute import AUTO_SHARE
 from autosp.config import RECOMPUTE_POLICIES
 from autosp.errors import AutoSPError
 from autosp.plan.trace import PHASES, MemoryTracker, Optimizer, StepMemory
@@ -51,7 +52,9 @@ class PlanSettings:
     """AdamW on fp32 master weights (``"fp32"``), on the parameters (``"param"``: states in
     their dtype), or no optimizer step (``"none"``)."""
     chunk_loss: bool = True
-    recompute: str = "cheap"
+    recompute: str = "auto"
+    """``Config.recompute``; under ``"auto"`` the budget of ``"cheap"``'s saved activations is
+    ``AUTO_SHARE`` of ``memory_gib``, as on a device of that size."""
     multiple: int = 1024
     """The answer is a multiple of this many tokens (rounded up to a multiple of 2 sp)."""
     lengths: tuple[int, ...] = ()
@@ -190,6 +193,7 @@ class Emulator:
             check_inputs=False,  # fake tensors hold no values to compare
             chunk_loss=settings.chunk_loss,
             recompute=settings.recompute,
+            activation_memory_gib=AUTO_SHARE * settings.memory_gib,
         )
         self.optimizer = Optimizer(self.params, settings.optimizer)
 
@@ -378,6 +382,7 @@ def plan(
             return traced[seq_len]
 
         largest = _search(trace, traced, budget, step, settings.max_tokens, settings)
+        _check_switch(trace, largest, emulator, settings)
         for extra in settings.lengths:
             trace(extra)
         for i in range(1, settings.curve_points + 1):
@@ -398,6 +403,29 @@ def plan(
             compile_s=compile_s,
             trace_s=trace_s,
             versions=_versions(),
+        )
+
+
+def _check_switch(
+    trace: Callable[[int], Point], largest: int, emulator: Emulator, settings: PlanSettings
+) -> None:
+    """Under ``recompute="auto"`` the peak drops where calls switch from ``"cheap"`` to
+    ``"layers"`` (Note [Recomputation by length]), so an answer below the switch is checked
+    against the first length above it; refused if that fits too (the search assumes the
+    peak grows with the length)."""
+    limits = [p.cheap_limit for p in emulator.parallel.plans if p.cheap_limit is not None]
+    if not limits:
+        return
+    switch = min(limits) * settings.sp // settings.batch_size  # a sequence length
+    above = (switch // settings.step + 1) * settings.step
+    if largest < above <= settings.max_tokens and trace(above).memory.peak <= (
+        settings.memory_gib * GIB
+    ):
+        raise AutoSPError(
+            f"autosp plan: under --recompute auto, {largest:,} tokens are the longest that fit "
+            f"with 'cheap', but {above:,} fit with 'layers' (calls switch above "
+            f"{min(limits):,} tokens per rank): the peak does not grow with the length. Plan "
+            "with --recompute layers for the longest context, or --recompute cheap"
         )
 
 
