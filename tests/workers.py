@@ -371,6 +371,11 @@ def auto_recompute_steps(budget_gib: float, lengths: tuple[int, ...]) -> list[di
     return results
 
 
+def gqa_parity(strategy: str) -> list[dict]:
+    """``model_parity`` of HF Llama (4 heads, 2 KV heads) under ``strategy``."""
+    return model_parity(build("llama"), [(1, 13)], {"backend": BACKEND, "attention": strategy})
+
+
 def mesh_parity() -> list[dict]:
     """``parity`` with the group given as a 1-D DeviceMesh."""
     from torch.distributed.device_mesh import init_device_mesh

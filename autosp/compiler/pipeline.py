@@ -25,6 +25,7 @@ from autosp.compiler.chunked_loss import chunk_loss_pass  # also registers its r
 from autosp.compiler.context import CompileContext
 from autosp.compiler.eager_attention import fuse_eager_attention_pass
 from autosp.compiler.find_sequence import find_sequence_pass
+from autosp.compiler.gqa import fold_repeated_kv_pass
 from autosp.compiler.loss import require_loss_pass  # also registers the loss rules
 from autosp.compiler.masks import recognise_masks_pass
 from autosp.compiler.propagate import shard_sequence_pass
@@ -36,6 +37,7 @@ Pass = Callable[[GraphModule, CompileContext], GraphModule]
 ANALYSIS_PASSES: tuple[Pass, ...] = (
     inline_checkpoints_pass,  # checkpointed regions -> the graph, tagged for recomputation
     fuse_eager_attention_pass,  # written-out attention -> one attention call
+    fold_repeated_kv_pass,  # repeated key/value heads -> enable_gqa: sent and saved once
     find_sequence_pass,  # the sequence symbols; refuses graphs without attention
     require_loss_pass,  # labels given: a loss must be returned
     recognise_masks_pass,  # causal / structured masks, so none is built S x S
