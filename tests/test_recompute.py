@@ -15,9 +15,12 @@ LAYERS = 2  # tests.models builds two-layer models
 
 @pytest.fixture(scope="module")
 def steps() -> dict[str, list[dict]]:
+    """Per policy, each rank's ``recompute_step``; "cheap" as recompute="auto" chooses it
+    within a budget of 1 GiB (32 tokens per rank)."""
     return {
-        policy: run_ranks(2, recompute_step, "llama", policy)
-        for policy in ("off", "cheap", "layers")
+        "off": run_ranks(2, recompute_step, "llama", "off"),
+        "cheap": run_ranks(2, recompute_step, "llama", "auto", 1.0),
+        "layers": run_ranks(2, recompute_step, "llama", "layers"),
     }
 
 
@@ -44,12 +47,13 @@ def _limit(line: str) -> int:
     return int(re.search(r"'cheap' up to ~([\d,]+) tokens", line)[1].replace(",", ""))
 
 
-def test_auto_switches_with_length() -> None:
+def test_auto_switches_with_length(steps: dict[str, list[dict]]) -> None:
     """recompute="auto" runs "cheap" while its saved activations fit the budget and "layers"
     above, per call (Note [Recomputation by length]); both exact, "layers" saves less."""
     assert autosp.Config().recompute == "auto"
-    (probe,) = run_ranks(2, auto_recompute_steps, 1.0, (32,))[0]
-    per_token = 2**30 / _limit(probe["plan"][-1])  # bytes "cheap" saves per token of a rank
+    probe = steps["cheap"][0]["plan"]
+    assert probe[1].startswith("auto chose 'cheap' for 32 tokens per rank"), probe
+    per_token = 2**30 / _limit(probe[1])  # bytes "cheap" saves per token of a rank
     budget = 48 * per_token / 2**30  # batch 2: 32 tokens per rank at 32, 64 at 64
     for rank in run_ranks(2, auto_recompute_steps, budget, (32, 64, 32)):
         short, long, again = rank

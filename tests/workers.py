@@ -306,12 +306,15 @@ def checkpointed_parity(name: str, backend: str) -> dict[str, Any]:
     return result
 
 
-def recompute_step(family: str, recompute: str) -> dict[str, Any]:
-    """One training step under ``Config.recompute``: parity with one process, the bytes the
-    forward saved for the backward, the backward's collectives and the recompute plan."""
+def recompute_step(family: str, recompute: str, budget_gib: float | None = None) -> dict[str, Any]:
+    """One training step under ``Config.recompute`` (and ``activation_memory_gib``): parity
+    with one process, the bytes the forward saved for the backward, the backward's
+    collectives and the recompute plan."""
     model = build(family)
     ref = copy.deepcopy(model)
-    parallel = autosp.parallelize(model, backend="aot_eager", recompute=recompute)
+    parallel = autosp.parallelize(
+        model, backend="aot_eager", recompute=recompute, activation_memory_gib=budget_gib
+    )
     ids, labels = make_batch(2, 32, seed=3)
     saved: list[int] = []
 
