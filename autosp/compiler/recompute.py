@@ -45,7 +45,6 @@ Values never depend on the choice.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -58,8 +57,6 @@ from torch.utils.checkpoint import CheckpointPolicy
 from autosp.compiler.context import CompileContext
 from autosp.compiler.ops_table import ATTENTION, meta, op_name
 from autosp.compiler.seqdims import hint, seq_dims
-
-logger = logging.getLogger(__name__)
 
 MATMULS = frozenset({"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "grouped_mm"})
 RANDOM = frozenset({"dropout", "native_dropout", "rand", "randn", "rand_like", "bernoulli"})
