@@ -62,6 +62,8 @@ class Plan:
     recompute: list[str] = field(default_factory=list)
     mlp: list[str] = field(default_factory=list)
     """The MLPs run over chunks of tokens (Note [Tiled MLP])."""
+    offload: list[str] = field(default_factory=list)
+    """What the partitioner moved to host memory (Note [Activation offloading])."""
 
 
 class UnsupportedOp(Exception):
