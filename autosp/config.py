@@ -60,13 +60,14 @@ class Config:
     """Tokens per chunk of a tiled MLP; None: as many as make 64 MiB of intermediate
     activation."""
     offload: bool = False
-    """Move the activations the layers save for the backward (attention outputs, collective
-    results, matmul outputs under ``recompute="cheap"``, each layer's input) to host memory in
-    the forward and back before their first use in the backward, through AOTAutograd's
-    partitioner (Note [Activation offloading] in ``autosp/compiler/offload.py``): on CUDA
-    asynchronous copies on a transfer stream into pinned buffers, on a CPU copies to the same
-    memory (nothing saved). Exact; needs torch >= 2.12 and an AOTAutograd backend
-    (``"inductor"``, ``"aot_eager"``); ``model.plans`` says what was offloaded."""
+    """Move what the layers save for the backward (collective results, matmul outputs under
+    ``recompute="cheap"``, each layer's input; torch keeps views and the outputs of
+    tuple-returning kernels such as attention on the device) to host memory in the forward,
+    and back before its first use in the backward, through AOTAutograd's partitioner (Note
+    [Activation offloading] in ``autosp/compiler/offload.py``): on CUDA, copies on a transfer
+    stream into pinned buffers; on a CPU, copies to the same memory (nothing saved). Exact;
+    needs torch >= 2.12 and an AOTAutograd backend (``"inductor"``, ``"aot_eager"``);
+    ``model.plans`` says what was offloaded and how many bytes per step."""
     bucket_mb: float = 25.0
     """Size of the gradient all-reduce buckets."""
     check_inputs: bool = True

@@ -20,20 +20,25 @@ outputs whose joint-graph node carries ``meta["should_offload"]``::
 ``OffloadPartitioner`` is that partitioner: it marks every forward node that a repeated layer
 computes (``layer_of``) and whose shape depends on the sequence, then runs torch's
 ``min_cut_rematerialization_partition``, which decides what is saved (honouring the recompute
-tags) and offloads the marked values it saves, except those torch refuses: views, getitems and
-non-contiguous tensors (they stay on the device, and the plan says how many). So the policy
-of *what* is saved stays Note [Sequence-aware recomputation]'s; offloading only changes
-*where* it waits. Values are copied, never changed: the loss and gradients are bit for bit
-those without offload.
+tags) and offloads the marked values it saves, except those torch refuses: views, getitems
+(so the outputs of a tuple-returning attention kernel, and its log-sum-exp, stay on the
+device) and non-contiguous tensors; the plan line lists both. So the policy of *what* is
+saved stays Note [Sequence-aware recomputation]'s; offloading only changes *where* it waits.
+Values are copied, never recomputed or rounded, so the loss and gradients are those of the
+run without offload.
 
 Where the tensors are on an accelerator (CUDA), the copies are torch's ``ao.offload`` /
 ``ao.reload`` / ``ao.wait_tensor`` ops (``activation_offload_separate_stream``): each copy
-runs on a dedicated transfer stream into (from) a freshly allocated pinned host buffer, so it
-overlaps the compute stream, and the wait that frees the device tensor (host buffer) follows
-the copy. These ops first exist in torch 2.12; torch 2.11's partitioner has the same marking
-and config but puts its side-stream copies on Dynamo's experimental stream objects, and its
-plain copies on the compute stream, so ``Config(offload=True)`` asks for torch >= 2.12
-(``check_torch``).
+runs on a dedicated transfer stream, into (out of) a pinned host buffer, and the compute stream
+waits for its event where torch puts the wait: right after the offload in the forward, so the
+device tensor is freed at once, and right before the first use in the backward. Torch's two
+further options stay off: ``activation_offload_sink_wait`` (waits at the end of the forward:
+more overlap, but with one graph for the whole model nothing would be freed before the forward
+ends) and ``activation_reload_prefetch`` (reloads moved earlier by benchmarking nodes at
+compile time). These ops first exist in torch 2.12; torch 2.11's partitioner has the same
+marking and config, but its side-stream copies run on Dynamo's experimental stream objects
+(its own docstring: "testings should be done once that is more finalized") and its plain copies
+on the compute stream, so ``Config(offload=True)`` asks for torch >= 2.12 (``check_torch``).
 
 On a CPU there is no separate host memory. The same pass runs with plain
 ``prims.device_put(x, "cpu")`` copies (the transfer-stream ops need an accelerator): the graph
@@ -43,7 +48,9 @@ testable on CPU ranks (``tests/test_offload.py``); it is documented here rather 
 about at run time.
 
 The AOTAutograd cache is off for these compilations (``enable_autograd_cache``): a cache hit
-would skip the partitioner, and with it the offload decision the plan records.
+would skip the partitioner, and with it the offload decision the plan records. Torch's pass
+reads every forward output as a node, so constant outputs (the ``None`` logits of a chunked
+loss) are taken out of the graph before it is compiled and put back around the call.
 """
 
 from __future__ import annotations
@@ -169,7 +176,11 @@ class OffloadPartitioner(CustomPartitionerFn):
             f"{mib:.2f} MiB per step per rank at the traced length "
             f"({_count_transfers(fw, 'forward')} copies out in the forward, "
             f"{_count_transfers(bw, 'backward')} back in the backward; {how}): {_kinds(moved)}"
-            + (f"; kept on the device (views, non-contiguous): {_kinds(kept)}" if kept else "")
+            + (
+                f"; kept on the device (views, getitems, non-contiguous): {_kinds(kept)}"
+                if kept
+                else ""
+            )
         )
 
     def uuid(self) -> None:
