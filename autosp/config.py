@@ -65,6 +65,15 @@ class Config:
     mlp_chunk_tokens: int | None = None
     """Tokens per chunk of a tiled MLP; None: as many as make 64 MiB of intermediate
     activation."""
+    offload: bool = False
+    """Move what the layers save for the backward (collective results, matmul outputs under
+    ``recompute="cheap"``, each layer's input; torch keeps views and the outputs of
+    tuple-returning kernels such as attention on the device) to host memory in the forward,
+    and back before its first use in the backward, through AOTAutograd's partitioner (Note
+    [Activation offloading] in ``autosp/compiler/offload.py``): on CUDA, copies on a transfer
+    stream into pinned buffers; on a CPU, copies to the same memory (nothing saved). Exact;
+    needs torch >= 2.12 and an AOTAutograd backend (``"inductor"``, ``"aot_eager"``);
+    ``model.plans`` says what was offloaded and how many bytes per step."""
     bucket_mb: float = 25.0
     """Size of the gradient all-reduce buckets."""
     check_inputs: bool = True
@@ -103,5 +112,16 @@ class Config:
             raise ValueError(
                 f"autosp: mlp_chunk_tokens must be positive, got {self.mlp_chunk_tokens}"
             )
+        if self.offload not in (True, False):
+            raise ValueError(f"autosp: offload must be True or False, got {self.offload!r}")
+        if self.offload:
+            if self.backend == "eager":
+                raise ValueError(
+                    "autosp: offload=True needs an AOTAutograd backend ('inductor' or "
+                    "'aot_eager'): backend='eager' has no partitioner to insert the copies"
+                )
+            from autosp.compiler.offload import check_torch
+
+            check_torch()
         if self.bucket_mb <= 0:
             raise ValueError(f"autosp: bucket_mb must be positive, got {self.bucket_mb}")

@@ -10,7 +10,10 @@ rank (a warm-up step, then a timed one):
     checkpointing, the model called on rank 0's shard (``gpu_check.py``'s baseline);
 (b) the same + a hand-written chunked loss (4096-token chunks of the head and the
     cross-entropy, each checkpointed: ALST's tiled loss);
-(c) autosp's defaults called with the full batch.
+(c) autosp's defaults called with the full batch;
+(d) (c) with ``Config(offload=True)``: the layers' saved activations in pinned host memory
+    between the forward and the backward (needs torch >= 2.12; not in the default modes, which
+    fill the 10 minutes: ``--modes c d`` compares the two).
 
 Per mode: peak ``torch.cuda.max_memory_allocated`` per size, the slope per 1k tokens per rank
 through the two longest sizes that ran, the longest total context that slope predicts in 97%
@@ -19,6 +22,7 @@ of the device's memory, and the step time at 64k per rank (524,288 tokens in all
 
     python benchmarks/gpu_memory.py --out $OUT                 # the GPU machine, < 10 minutes
     python benchmarks/gpu_memory.py --device cpu --out /tmp/gm  # small sizes on a CPU
+    python benchmarks/gpu_memory.py --modes c d --out $OUT     # offload against (c)
 """
 
 from __future__ import annotations
@@ -46,13 +50,14 @@ SETUP = {
     "cuda": {"model": gpu_check.SIZES["cuda"]["p2"], "sizes": [16384, 32768, 65536], "sp": 8},
     "cpu": {"model": gpu_check.SIZES["cpu"]["p2"], "sizes": [128, 256, 512], "sp": 8},
 }
-BUDGET_S = {"a": 150.0, "b": 150.0, "c": 240.0}
+BUDGET_S = {"a": 150.0, "b": 150.0, "c": 240.0, "d": 240.0}
 """Wall-clock per mode on the GPU (10 minutes in all with start-up); 4x on a CPU."""
 LOSS_CHUNK = 4096
 LABELS = {
     "a": "(a) hand-written Ulysses + HF full checkpointing",
     "b": "(b) (a) + hand-written chunked loss",
     "c": "(c) autosp defaults",
+    "d": "(d) (c) + offload of saved activations to host memory",
 }
 
 
@@ -104,11 +109,11 @@ def _mode(mode: str, device_name: str, deadline: float, queue: Any) -> None:
         else:
             import autosp
 
-            target = autosp.parallelize(model, group=dist.group.WORLD)
+            target = autosp.parallelize(model, group=dist.group.WORLD, offload=mode == "d")
         for tokens in setup["sizes"]:
             gen = torch.Generator().manual_seed(1)
             full = torch.randint(0, setup["model"]["vocab"], (1, tokens * sp), generator=gen)
-            ids = (full if mode == "c" else full[:, :tokens]).to(device)
+            ids = (full if mode in ("c", "d") else full[:, :tokens]).to(device)
             positions = torch.arange(tokens, device=device)[None]
 
             def run(ids: torch.Tensor = ids, positions: torch.Tensor = positions) -> float:
@@ -134,9 +139,10 @@ def _mode(mode: str, device_name: str, deadline: float, queue: Any) -> None:
             send("size", entry=entry)
             if entry["first"]["status"] != "ok" or time.time() > deadline:
                 break
-        if mode == "c":
+        if mode in ("c", "d"):
             plans = target.plans
-            send("plans", lines=sorted({line for p in plans for line in p.loss + p.recompute}))
+            lines = {line for p in plans for line in p.loss + p.recompute + p.offload}
+            send("plans", lines=sorted(lines))
     except Exception as err:  # noqa: BLE001 - reported by the parent
         send("error", error=str(err)[:300], trace=traceback.format_exc()[-3000:])
     send("done")
@@ -158,7 +164,7 @@ def _fit(entries: list[dict[str, Any]], memory_gib: float, key: str, sp: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--modes", nargs="*", default=["a", "b", "c"], choices=["a", "b", "c"])
+    parser.add_argument("--modes", nargs="*", default=["a", "b", "c"], choices=sorted(LABELS))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.device == "cuda":

@@ -24,6 +24,7 @@ from autosp.compiler import runtime
 from autosp.compiler.context import CompileContext, GroupInfo
 from autosp.compiler.find_sequence import input_name, is_user_input
 from autosp.compiler.masks import MaskPlan
+from autosp.compiler.offload import offload_compiler
 from autosp.compiler.pipeline import ANALYSIS_PASSES, REWRITE_PASSES, run_passes
 from autosp.compiler.propagate import Plan
 from autosp.compiler.recompute import AutoRecompute, tokens_per_rank
@@ -155,7 +156,7 @@ class AutoSPBackend:
             self.state.label_inputs,
         )
         gm = run_passes(ANALYSIS_PASSES, gm, ctx)
-        inner = torch._dynamo.lookup_backend(self.config.backend)
+        backend = self.config.backend
 
         seq_index = [p.name for p in gm.graph.find_nodes(op="placeholder")].index(ctx.seq_source[0])
 
@@ -172,7 +173,15 @@ class AutoSPBackend:
             for line in plan.attention + plan.loss + plan.mlp + plan.recompute:
                 logger.info("autosp: %s", line)
             self.state.plans.append(plan)
-            return inner(local_gm, list(example_inputs) if inputs is None else inputs), plan
+            inner = (
+                offload_compiler(backend, plan, ctx.seq_syms)
+                if self.config.offload
+                else torch._dynamo.lookup_backend(backend)
+            )
+            compiled = inner(local_gm, list(example_inputs) if inputs is None else inputs)
+            for line in plan.offload:
+                logger.info("autosp: %s", line)
+            return compiled, plan
 
         return Runner(
             compile_graph,

@@ -6,6 +6,9 @@ The analysis passes run once on Dynamo's graph of the whole forward; the rewrite
 the rank-local graph, once per mask plan (the runner compiles a second graph when a guarded
 mask assumption fails, Note [Mask probing]).
 
+The inner compiler runs after them: with ``Config.offload`` its partitioner also moves the
+layers' saved activations to host memory (Note [Activation offloading], ``offload.py``).
+
 Importing this module registers every sharding rule: the generic per-op rules
 (``rules.py``), attention (``attention/``) and the loss (``loss.py``) each register their own.
 """

@@ -65,6 +65,8 @@ class Plan:
     cheap_limit: int | None = None
     """Under ``recompute="auto"``: the tokens per rank up to which a call runs ``"cheap"``
     (Note [Recomputation by length])."""
+    offload: list[str] = field(default_factory=list)
+    """What the partitioner moved to host memory (Note [Activation offloading])."""
 
 
 class UnsupportedOp(Exception):
