@@ -71,7 +71,7 @@ def test_zero2_clipped_steps_match_single_process() -> None:
     # SGD, not AdamW: clipped AdamW differs from one process by up to ~2e-4 in
     # embed_tokens after step 2, and that is fp32 rounding, not the engine. One process alone,
     # the same 2 clipped AdamW steps on the whole batch or summed from its two halves (the
-    # order dp x sp sums in), gives 7.1e-5 there (every other tensor <= 1.0e-6; unclipped
+    # order dp x sp sums in), gives 7.1e-5 there (every other tensor <= 1.02e-6; unclipped
     # 5.6e-7; clipped SGD 2.6e-8), all from one element: row 78 (absent at step 1) has a
     # step-2 gradient of 6.92e-8 vs 7.81e-8 after the clip, near Adam's eps = 1e-8, where
     # lr * m_hat / (sqrt(v_hat) + eps) = lr * 0.526 g / (0.707 |g| + eps) moves from 0.617 to
