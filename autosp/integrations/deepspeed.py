@@ -32,8 +32,9 @@ Note [DeepSpeed around autosp]
       computed; a model called with token ids has none that requires grad, so the hook fires
       when the output's gradient arrives, before any parameter gradient exists (DeepSpeed then
       reduces zeros), and a model returning a dict (a ``ModelOutput``) exposes no output tensor
-      to the hook, which then never fires (nothing is reduced). Either way the step would be
-      silently wrong. FSDP2 (``autosp.integrations.fsdp``) shards the parameters instead.
+      to the hook, which then never fires (nothing is reduced). Either way the gradients would
+      not be reduced (torch's side: ``test_whole_model_leaf_reduction_misses_gradients``).
+      FSDP2 (``autosp.integrations.fsdp``) shards the parameters instead.
 """
 
 from __future__ import annotations
