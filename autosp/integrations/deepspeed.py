@@ -34,6 +34,9 @@ Note [DeepSpeed around autosp]
       reduces zeros), and a model returning a dict (a ``ModelOutput``) exposes no output tensor
       to the hook, which then never fires (nothing is reduced). Either way the gradients would
       not be reduced (torch's side: ``test_whole_model_leaf_reduction_misses_gradients``).
+      Run on 2 gloo ranks (HF Llama, ``memory_efficient_linear: false``, since ZeRO-3's
+      default replaces ``F.linear`` by an autograd.Function): forward and backward run, and
+      ``engine.step()`` finds the full, unreduced gradients still in ``.grad``.
       FSDP2 (``autosp.integrations.fsdp``) shards the parameters instead.
 """
 
