@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from autosp.compiler.chunked_loss import linear_cross_entropy
+from autosp.compiler.chunked_loss import _row_slice, linear_cross_entropy
 from tests.multirank import run_ranks
 from tests.workers import chunked_parity
 
@@ -83,3 +85,17 @@ def test_unchunked_on_request() -> None:
     assert result["loss_rel_err"] <= LOSS_TOL, result
     assert result["logits"] == "Tensor"
     assert result["loss_plan"] and "chunked" not in result["loss_plan"][0]
+
+
+def test_row_slice_of_a_tuple_is_not_rows() -> None:
+    """``outputs[0]`` of an op returning a tuple (DeepSpeed ZeRO-3's ``F.linear`` replacement,
+    an autograd.Function) is no row slice; it used to crash (``'tuple' has no .dim()``)."""
+    graph = torch.fx.Graph()
+    pair = graph.placeholder("pair")
+    pair.meta["example_value"] = (torch.zeros(2, 3), torch.zeros(2, 3))
+    first = graph.call_function(operator.getitem, (pair, 0))
+    rows = graph.placeholder("rows")
+    rows.meta["example_value"] = torch.zeros(1, 4, 3)
+    sliced = graph.call_function(operator.getitem, (rows, (slice(None), slice(None, -1))))
+    assert _row_slice(first) is None
+    assert _row_slice(sliced) == (slice(None), slice(None, -1))

@@ -269,8 +269,11 @@ def _row_slice(node: Node) -> Any:
     """The index of ``logits[:, :-1]`` (slices of the dims before the last), else None."""
     if node.op != "call_function" or node.target is not operator.getitem:
         return None
+    value = meta(node.args[0])
+    if not isinstance(value, torch.Tensor):
+        return None  # an element of a tuple (an autograd.Function's outputs), not rows
     index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-    ndim = meta(node.args[0]).dim()
+    ndim = value.dim()
     if not all(isinstance(i, slice) for i in index) or len(index) > ndim:
         return None
     if any(isinstance(v, Node) for i in index for v in (i.start, i.stop, i.step)):

@@ -16,12 +16,28 @@ Note [DeepSpeed around autosp]
     group and divides by ``seq_dp / sp = dp``: the sum over ``sp`` of the mean over ``dp``,
     which is exact. The batch size DeepSpeed checks counts ``dp`` data-parallel ranks.
 
-    ZeRO-3 gathers each module's parameters in hooks around that module's forward. Inside
-    autosp's one compiled graph such hooks break the graph (FSDP2's per-layer hooks do, checked
-    on torch 2.13), and DeepSpeed 0.19.8's ZeRO-3 fails on the first forward of the wrapped
-    model (its module bookkeeping does not cover the ``torch.compile`` module autosp holds):
-    stage 3 is refused (``_refuse_stage``); FSDP2 (``autosp.integrations.fsdp``) shards the
-    parameters instead.
+    ZeRO-3 is refused (``_refuse_stage``), for two reasons checked in DeepSpeed 0.19.8's
+    sources and on torch 2.13:
+
+    - Without leaf modules, ZeRO-3 gathers each submodule's parameters in hooks on that
+      submodule (``parameter_offload.py``, ``_register_deepspeed_module``; the pre-forward hook
+      is ``torch.compiler.disable``d). They run inside autosp's one compiled graph: the first
+      forward fails with "Skip calling `torch.compiler.disable()`d function" (a graph break).
+    - Marking the whole model one ZeRO-3 leaf (``deepspeed.utils.set_z3_leaf_modules``; the
+      ``SequenceParallel`` wrapper, as the one FSDP2 unit of ``autosp.integrations.fsdp``)
+      moves the gather outside the graph, but ZeRO-3 then reduces a leaf's gradients in a
+      ``register_full_backward_hook`` on the leaf (``stage3.py``,
+      ``create_reduce_and_remove_grad_hooks``) instead of per-parameter gradient hooks. torch
+      fires a full backward hook when the gradients of the module's positional inputs are
+      computed; a model called with token ids has none that requires grad, so the hook fires
+      when the output's gradient arrives, before any parameter gradient exists (DeepSpeed then
+      reduces zeros), and a model returning a dict (a ``ModelOutput``) exposes no output tensor
+      to the hook, which then never fires (nothing is reduced). Either way the gradients would
+      not be reduced (torch's side: ``test_whole_model_leaf_reduction_misses_gradients``).
+      Run on 2 gloo ranks (HF Llama, ``memory_efficient_linear: false``, since ZeRO-3's
+      default replaces ``F.linear`` by an autograd.Function): forward and backward run, and
+      ``engine.step()`` finds the full, unreduced gradients still in ``.grad``.
+      FSDP2 (``autosp.integrations.fsdp``) shards the parameters instead.
 """
 
 from __future__ import annotations
@@ -197,14 +213,20 @@ def split_config(config: dict[str, Any] | str | Path) -> tuple[dict[str, Any], d
 
 
 def _refuse_stage(ds_config: dict[str, Any]) -> None:
-    """ZeRO-3 is refused: it gathers each module's parameters in hooks on that module, which
-    would run inside autosp's single compiled graph (Note [DeepSpeed around autosp])."""
+    """ZeRO-3 is refused: its per-module parameter hooks would run inside autosp's compiled
+    graph, and with the whole model as one ZeRO-3 leaf module its gradient reduction would not
+    see the gradients (Note [DeepSpeed around autosp])."""
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     if stage == 3:
         raise AutoSPError(
-            "autosp: ZeRO stage 3 is not supported with autosp yet. ZeRO-3 gathers each "
-            "module's parameters in hooks around that module's forward and backward, and "
-            "autosp runs the whole forward as one compiled graph, which such hooks break. Use "
-            "ZeRO stage 1 or 2 (optimizer state and gradients sharded over dp x sp), or "
-            "FSDP2 with autosp.integrations.fsdp.shard() to shard the parameters too."
+            "autosp: ZeRO stage 3 is not supported with autosp. ZeRO-3 gathers each "
+            "module's parameters in hooks around that module, and autosp runs the whole "
+            "forward as one compiled graph, which such hooks break. Making the whole model one "
+            "ZeRO-3 leaf module (deepspeed.utils.set_z3_leaf_modules) keeps the hooks out of the "
+            "graph, but DeepSpeed then reduces the leaf's gradients in a full backward hook "
+            "that fires before the parameter gradients exist when no positional input "
+            "requires grad (token ids), and never when the model returns a dict: the "
+            "gradients would not be reduced. Use ZeRO stage 1 or 2 (optimizer state and "
+            "gradients sharded over dp x sp), or FSDP2 with autosp.integrations.fsdp.shard() "
+            "to shard the parameters too."
         )
