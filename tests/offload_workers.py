@@ -7,7 +7,7 @@ from typing import Any
 
 import autosp
 from tests.models import build
-from tests.workers import grad_errors, make_batch
+from tests.workers import make_batch, step_errors
 
 
 def offload_steps(family: str, options: dict[str, Any], seqs: list[int]) -> dict[str, Any]:
@@ -23,12 +23,7 @@ def offload_steps(family: str, options: dict[str, Any], seqs: list[int]) -> dict
         loss.backward()
         expected = ref(input_ids=ids, labels=labels)["loss"]
         expected.backward()
-        steps.append(
-            {
-                "loss_rel_err": abs(loss.item() - expected.item()) / abs(expected.item()),
-                "grad_rel_err": grad_errors(model, ref),
-            }
-        )
+        steps.append(step_errors(loss, expected, model, ref))
         model.zero_grad(set_to_none=True)
         ref.zero_grad(set_to_none=True)
     return {"steps": steps, "plan": [line for p in parallel.plans for line in p.offload]}

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import autosp
 from tests.models import FAMILIES
-from tests.workers import grad_errors, make_batch
+from tests.workers import make_batch, saved_tensor_bytes, step_errors
 
 TILED_OPS = {
     torch.ops.autosp.tiled_mlp.default: "forward",
@@ -47,13 +47,7 @@ def tiled_parity(
     steps = []
     for seq in seqs:
         ids, labels = make_batch(2, seq, seed=seq)
-        saved: list[int] = []
-
-        def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
-            saved.append(t.numel() * t.element_size())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved_tensor_bytes() as saved:
             loss = parallel(input_ids=ids, labels=labels)["loss"]
         with CountTiled() as backward, autosp.count_collectives() as collectives:
             loss.backward()
@@ -61,8 +55,7 @@ def tiled_parity(
         expected.backward()
         steps.append(
             {
-                "loss_rel_err": abs(loss.item() - expected.item()) / abs(expected.item()),
-                "grad_rel_err": grad_errors(model, ref),
+                **step_errors(loss, expected, model, ref),
                 "backward_calls": dict(backward.calls),
                 "collectives": dict(collectives),
                 "saved_bytes": sum(saved),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -37,6 +38,30 @@ GRAD_FLOOR_REL = 1e-3
 """...and so are norms below this fraction of the model's largest gradient norm: a query weight
 under a one-token window has a zero gradient, and fp32 leaves noise at the scale of its
 neighbours' gradients (1e-8 relative), not at an absolute scale."""
+
+
+@contextlib.contextmanager
+def saved_tensor_bytes() -> Iterator[list[int]]:
+    """The bytes of each tensor autograd saves for the backward inside the block."""
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
+
+
+def step_errors(
+    loss: torch.Tensor, expected: torch.Tensor, model: torch.nn.Module, ref: torch.nn.Module
+) -> dict[str, Any]:
+    """The relative loss error and per-parameter gradient errors of one step against one
+    process's."""
+    return {
+        "loss_rel_err": abs(loss.item() - expected.item()) / abs(expected.item()),
+        "grad_rel_err": grad_errors(model, ref),
+    }
 
 
 def grad_errors(
@@ -316,21 +341,14 @@ def recompute_step(family: str, recompute: str, budget_gib: float | None = None)
         model, backend="aot_eager", recompute=recompute, activation_memory_gib=budget_gib
     )
     ids, labels = make_batch(2, 32, seed=3)
-    saved: list[int] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_tensor_bytes() as saved:
         loss = parallel(input_ids=ids, labels=labels)["loss"]
     with autosp.count_collectives() as backward:
         loss.backward()
     expected = ref(input_ids=ids, labels=labels)["loss"]
     expected.backward()
     return {
-        "loss_rel_err": abs(loss.item() - expected.item()) / abs(expected.item()),
-        "grad_rel_err": grad_errors(model, ref),
+        **step_errors(loss, expected, model, ref),
         "saved_bytes": sum(saved),
         "backward": dict(backward),
         "plan": [line for p in parallel.plans for line in p.recompute],
@@ -349,22 +367,15 @@ def auto_recompute_steps(budget_gib: float, lengths: tuple[int, ...]) -> list[di
     results = []
     for seq in lengths:
         ids, labels = make_batch(2, seq, seed=seq)
-        saved: list[int] = []
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            saved.append(t.numel() * t.element_size())  # noqa: B023 - used at once
-            return t
-
         plans = len(parallel.plans)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved_tensor_bytes() as saved:
             loss = parallel(input_ids=ids, labels=labels)["loss"]
         loss.backward()
         expected = ref(input_ids=ids, labels=labels)["loss"]
         expected.backward()
         results.append(
             {
-                "loss_rel_err": abs(loss.item() - expected.item()) / abs(expected.item()),
-                "grad_rel_err": grad_errors(model, ref),
+                **step_errors(loss, expected, model, ref),
                 "saved_bytes": sum(saved),
                 "plan": [line for p in parallel.plans[plans:] for line in p.recompute],
             }

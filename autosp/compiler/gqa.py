@@ -87,11 +87,9 @@ def _repeat(node: Node) -> tuple[Node, int, list[Node]] | None:
     if source is None or not _only_user(expanded, node) or not _only_user(unsqueezed, expanded):
         return None
     small, big, wide = meta(source).shape, value.shape, meta(expanded).shape
-    if wide[2] is None or not isinstance(wide[2], int):
-        return None
-    n = wide[2]
+    n = wide[2]  # the unsqueezed dim: 4-d source, so wide is 5-d
     shapes_match = (
-        len(wide) == 5
+        isinstance(n, int)
         and all(_same(wide[i], small[j]) for i, j in ((0, 0), (1, 1), (3, 2), (4, 3)))
         and _same(big[1], small[1] * n)
         and all(_same(big[i], small[i]) for i in (0, 2, 3))
