@@ -102,10 +102,12 @@ def resolve_layout(
     dp = mesh["dp"].size()
     if dp == 1:
         return Layout(sp=sp, grads=sp, dp=1)
-    ranks = sorted(mesh.mesh.flatten().tolist())
-    if ranks == list(range(dist.get_world_size())):
+    # A mesh's ranks are distinct: as many as the world means all of them (read without a
+    # tensor op, which an active FakeTensorMode, as in `autosp plan`, would make fake).
+    if mesh.mesh.numel() == dist.get_world_size():
         grads = dist.group.WORLD
     else:
+        ranks = sorted(mesh.mesh.flatten().tolist())
         grads = dist.new_group(ranks, use_local_synchronization=True)
     return Layout(sp=sp, grads=grads, dp=dp)
 

@@ -90,7 +90,10 @@ REFUSALS: dict[tuple[str, str], str | tuple[str, ...]] = {
     ("deepspeed", "sp_not_dividing"): "Choose sp among [1, 2, 4]",
     ("deepspeed", "own_sequence_parallel"): "Remove 'sequence_parallel_size'",
     ("deepspeed", "sync_grads"): "'sync_grads' is set by autosp",
-    ("deepspeed", "stage3"): ("before the parameter gradients exist", "Use ZeRO stage 1 or 2"),
+    ("deepspeed", "stage3"): (
+        "before the parameter gradients exist",
+        "use autosp.integrations.sharded.shard()",
+    ),
     ("deepspeed", "mpu"): "Remove mpu=",
 }
 

@@ -6,6 +6,7 @@ with one layer, so each plan compiles in seconds; the tracing path is the real o
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -67,12 +68,16 @@ def test_every_preset_plans(preset: str) -> None:
 
 
 def _model_parameters(config: object) -> list[int]:
+    return [math.prod(shape) for shape in _parameter_shapes(config)]
+
+
+def _parameter_shapes(config: object) -> list[tuple[int, ...]]:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForCausalLM
 
     with FakeTensorMode():
         model = AutoModelForCausalLM.from_config(config)
-    return [p.numel() for p in model.parameters()]
+    return [tuple(p.shape) for p in model.parameters()]
 
 
 def test_options_change_memory() -> None:
@@ -90,6 +95,32 @@ def test_options_change_memory() -> None:
         assert p.memory.breakdown["optimizer"] == _adamw_fp32_bytes(sum(params), len(params))
     assert cheap.slope < off.slope
     assert any("cheap" in line for line in cheap.plans)
+
+
+def test_sharded_parameters_divide_the_fixed_memory() -> None:
+    """--shard-params over dp 2 x sp 2: each rank holds its rows of every parameter (padded
+    to a multiple of 4) and AdamW state for those alone, to the byte; buffers stay whole."""
+    config = plan_config("tiny")
+    shapes = _parameter_shapes(config)
+    rows = sum(-(-shape[0] // 4) * math.prod(shape[1:]) for shape in shapes)
+
+    def planned(shard: bool) -> Plan:
+        settings = PlanSettings(memory_gib=0.05, sp=2, dp=2, shard_params=shard, curve_points=0)
+        return plan(config, settings)
+
+    whole, sharded = planned(False), planned(True)
+    buffers = whole.points[0].memory.breakdown["weights"] - 2 * sum(map(math.prod, shapes))
+    for p in sharded.points:
+        parts = p.memory.breakdown
+        assert parts["weights"] == 2 * rows + buffers
+        assert parts["optimizer"] == _adamw_fp32_bytes(rows, len(shapes))
+        assert parts["gradients"] <= 2 * rows
+    assert any(line.startswith("sharded parameters: ") for line in sharded.plans)
+    assert not any(line.startswith("sharded parameters: ") for line in whole.plans)
+    assert sharded.parameters == whole.parameters == sum(map(math.prod, shapes))
+    common = {p.seq_len for p in whole.points} & {p.seq_len for p in sharded.points}
+    for n in common:
+        assert sharded.point(n).memory.peak < whole.point(n).memory.peak, n
 
 
 def test_auto_recompute_switches_in_the_plan() -> None:
@@ -150,7 +181,9 @@ def test_unknown_preset(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_weights_over_budget() -> None:
-    with pytest.raises(AutoSPError, match=r"weights \(14\.\d\d GiB in bf16\) alone exceed 10 GiB"):
+    with pytest.raises(
+        AutoSPError, match=r"weights \(14\.\d\d GiB in bf16\) alone exceed 10 GiB.*--shard-params"
+    ):
         plan(plan_config("llama-3.1-8b"), PlanSettings(memory_gib=10, sp=8))
 
 

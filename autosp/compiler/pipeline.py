@@ -33,6 +33,7 @@ from autosp.compiler.loss import require_loss_pass  # also registers the loss ru
 from autosp.compiler.masks import recognise_masks_pass
 from autosp.compiler.propagate import shard_sequence_pass
 from autosp.compiler.recompute import estimate_recompute_pass, tag_recompute_pass
+from autosp.compiler.regather import regather_pass
 from autosp.compiler.tiled_mlp import tile_mlp_pass  # also registers its rule
 
 Pass = Callable[[GraphModule, CompileContext], GraphModule]
@@ -52,6 +53,7 @@ ANALYSIS_PASSES: tuple[Pass, ...] = (
 REWRITE_PASSES: tuple[Pass, ...] = (
     shard_sequence_pass,  # per-op placements -> the rank-local graph
     tag_recompute_pass,  # what the backward recomputes, for the partitioner
+    regather_pass,  # sharded parameters: gathered again in the backward, never saved whole
 )
 
 

@@ -83,15 +83,19 @@ class BagEscape(Exception):
 
 
 def is_param(node: Any) -> bool:
-    """A parameter of the module (a differentiable input of the caller's is a token tensor)."""
+    """A parameter of the module (a differentiable input of the caller's is a token tensor),
+    or a tensor computed from parameters alone: a gathered shard (Note [Parameters gathered in
+    the graph]), Gemma's ``1 + weight``."""
     value = meta(node)
-    return isinstance(value, torch.nn.Parameter) or (
-        isinstance(node, Node)
-        and node.op == "placeholder"
-        and isinstance(value, torch.Tensor)
-        and value.requires_grad
-        and not is_user_input(node)
-    )
+    if isinstance(value, torch.nn.Parameter):
+        return True
+    if not isinstance(node, Node) or not isinstance(value, torch.Tensor):
+        return False
+    if node.op == "placeholder":
+        return value.requires_grad and not is_user_input(node)
+    inputs = node.all_input_nodes
+    computed = node.op in ("call_function", "call_method")
+    return computed and bool(inputs) and all(map(is_param, inputs))
 
 
 class ShardingPass:

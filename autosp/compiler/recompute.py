@@ -75,9 +75,10 @@ _NUMBERED = re.compile(r"\.(\d+)$|\[(\d+)\]$")
 
 def layer_of(node: Node) -> str | None:
     """The outermost module on ``node``'s module stack at a numbered path (a layer of a
-    ``ModuleList``), or None."""
+    ``ModuleList``), or None. A parametrization (``weight.parametrizations.weight.0``, the
+    gather of a sharded parameter) is not a layer."""
     for path, _ in (node.meta.get("nn_module_stack") or {}).values():
-        if _NUMBERED.search(path):
+        if _NUMBERED.search(path) and ".parametrizations." not in f".{path}":
             return path
     return None
 

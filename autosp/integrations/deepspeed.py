@@ -37,7 +37,8 @@ Note [DeepSpeed around autosp]
       Run on 2 gloo ranks (HF Llama, ``memory_efficient_linear: false``, since ZeRO-3's
       default replaces ``F.linear`` by an autograd.Function): forward and backward run, and
       ``engine.step()`` finds the full, unreduced gradients still in ``.grad``.
-      FSDP2 (``autosp.integrations.fsdp``) shards the parameters instead.
+      ``autosp.integrations.sharded`` shards the parameters instead, gathering them inside
+      the graph (Note [Parameters gathered in the graph]).
 """
 
 from __future__ import annotations
@@ -226,7 +227,8 @@ def _refuse_stage(ds_config: dict[str, Any]) -> None:
             "graph, but DeepSpeed then reduces the leaf's gradients in a full backward hook "
             "that fires before the parameter gradients exist when no positional input "
             "requires grad (token ids), and never when the model returns a dict: the "
-            "gradients would not be reduced. Use ZeRO stage 1 or 2 (optimizer state and "
-            "gradients sharded over dp x sp), or FSDP2 with autosp.integrations.fsdp.shard() "
-            "to shard the parameters too."
+            "gradients would not be reduced. For ZeRO-3's memory use "
+            "autosp.integrations.sharded.shard() (parameters, gradients and optimizer state "
+            "sharded over dp x sp, each parameter gathered at its use inside the graph), or "
+            "ZeRO stage 1 or 2 (optimizer state and gradients sharded)."
         )

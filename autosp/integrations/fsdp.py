@@ -18,8 +18,9 @@ Note [FSDP2 around autosp]
     break). So the only FSDP unit is the ``SequenceParallel`` wrapper, whose hooks run outside
     the compiled call. Memory: parameters, gradients and
     optimizer state are sharded between steps (1/world each), but during one step every
-    parameter and its full gradient exist unsharded on each rank, as under DDP; per-layer
-    units (gather one layer at a time) are not available.
+    parameter and its full gradient exist unsharded on each rank, as under DDP. To gather
+    one parameter at a time, ``autosp.integrations.sharded`` moves the gathering into the
+    graph (Note [Parameters gathered in the graph]).
 """
 
 from __future__ import annotations

@@ -27,7 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dp",
         type=int,
         default=1,
-        help="data-parallel replicas (replicated weights: per-rank memory does not change)",
+        help="data-parallel replicas (per-rank memory does not change, unless --shard-params)",
+    )
+    parser.add_argument(
+        "--shard-params",
+        action="store_true",
+        help="shard parameters, gradients and optimizer state over dp x sp, gathered per use "
+        "in the graph (autosp.integrations.sharded)",
     )
     parser.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 (%(default)s)")
     parser.add_argument(
@@ -84,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
             memory_gib=args.memory,
             sp=args.sp,
             dp=args.dp,
+            shard_params=args.shard_params,
             dtype=args.dtype,
             batch_size=args.batch_size,
             optimizer=args.optimizer,

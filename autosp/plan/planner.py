@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from autosp.compiler.recompute import AUTO_SHARE
 from autosp.config import RECOMPUTE_POLICIES
 from autosp.errors import AutoSPError
+from autosp.mesh import sequence_parallel_mesh
 from autosp.plan.trace import PHASES, MemoryTracker, Optimizer, StepMemory
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -43,8 +45,11 @@ class PlanSettings:
     sp: int = 8
     """Sequence-parallel degree."""
     dp: int = 1
-    """Data-parallel replicas beside each sequence-parallel group (replicated weights, as
-    autosp supports today: per-rank memory does not depend on it)."""
+    """Data-parallel replicas beside each sequence-parallel group: per-rank memory does not
+    depend on it, unless ``shard_params`` shards over ``dp x sp``."""
+    shard_params: bool = False
+    """Parameters, gradients and optimizer state sharded over the ``dp x sp`` ranks and
+    gathered per use in the graph (``autosp.integrations.sharded``)."""
     dtype: str = "bf16"
     batch_size: int = 1
     """Sequences per step per sequence-parallel group."""
@@ -178,7 +183,10 @@ def _fake_group(world: int) -> Iterator[dist.ProcessGroup]:
 class Emulator:
     """One rank of a sequence-parallel run on fake tensors: ``trace(seq_len)`` runs a step."""
 
-    def __init__(self, config: PretrainedConfig, settings: PlanSettings) -> None:
+    def __init__(
+        self, config: PretrainedConfig, settings: PlanSettings, mesh: DeviceMesh | None
+    ) -> None:
+        """``mesh``: the ``("dp", "sp")`` mesh to shard the parameters over, or None."""
         import autosp
 
         self.settings = settings
@@ -186,15 +194,22 @@ class Emulator:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).train()
         self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.parallel = autosp.parallelize(
-            model,
+        self.parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        """The model's parameter count (before any sharding)."""
+        options: dict[str, Any] = dict(
             backend="aot_eager",
             check_inputs=False,  # fake tensors hold no values to compare
             chunk_loss=settings.chunk_loss,
             recompute=settings.recompute,
             activation_memory_gib=AUTO_SHARE * settings.memory_gib,
         )
+        if mesh is not None:
+            from autosp.integrations import sharded
+
+            self.parallel = sharded.shard(model, mesh, **options)
+        else:
+            self.parallel = autosp.parallelize(model, **options)
+        self.params = [p for p in model.parameters() if p.requires_grad]  # shards if sharded
         self.optimizer = Optimizer(self.params, settings.optimizer)
 
     def _step(self, seq_len: int, tracker: MemoryTracker | None) -> int:
@@ -257,10 +272,15 @@ def emulate(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     torch._dynamo.reset()  # a fresh compilation for this model
-    with _fake_group(settings.sp), FakeTensorMode(allow_non_fake_inputs=True):
-        emulator = Emulator(config, settings)
+    world = settings.sp * (settings.dp if settings.shard_params else 1)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_fake_group(world))
+        # The mesh holds real rank numbers: made before the fake tensors.
+        mesh = sequence_parallel_mesh(settings.sp) if settings.shard_params else None
+        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        emulator = Emulator(config, settings, mesh)
         _check_fixed(emulator.persistent(), [], settings)
-        progress(f"{sum(p.numel() for p in emulator.params) / 1e9:.2f}B parameters; compiling")
+        progress(f"{emulator.parameters / 1e9:.2f}B parameters; compiling")
         emulator.compile()
         _check_fixed(emulator.persistent(), emulator.optimizer.state_tensors(), settings)
         yield emulator
@@ -287,6 +307,7 @@ def _advice(settings: PlanSettings, *options: str) -> str:
         "--recompute layers": settings.recompute == "layers",
         "--batch-size 1": settings.batch_size == 1,
         "--chunk-loss": settings.chunk_loss,
+        "--shard-params": settings.shard_params,
     }
     return ", ".join(o for o in options if not chosen.get(o, False))
 
@@ -303,9 +324,20 @@ def _check_fixed(
         what += f" and the optimizer state ({sizes[1] / GIB:.2f} GiB, {settings.optimizer})"
     raise AutoSPError(
         f"autosp plan: {what} alone exceed {settings.memory_gib:g} GiB per rank: autosp keeps "
-        "a whole copy of the model and its optimizer state on every rank (sharding them, "
-        "ZeRO / FSDP, is not planned yet). Change: "
-        + _advice(settings, "--memory", "--dtype bf16", "--optimizer param", "a smaller model")
+        + (
+            f"1/{settings.sp * settings.dp} of them on each rank (--shard-params)"
+            if settings.shard_params
+            else "a whole copy of them on every rank unless --shard-params"
+        )
+        + ". Change: "
+        + _advice(
+            settings,
+            "--memory",
+            "--shard-params",
+            "--dtype bf16",
+            "--optimizer param",
+            "a smaller model",
+        )
     )
 
 
@@ -363,7 +395,7 @@ def plan(
     start = time.perf_counter()
     progress(f"building {name} on fake tensors and compiling one rank of SP={settings.sp}")
     with emulate(config, settings, progress) as emulator:
-        parameters = sum(p.numel() for p in emulator.params)
+        parameters = emulator.parameters
         compile_s = time.perf_counter() - start
         progress(f"compiled in {compile_s:.0f} s")
         traced: dict[int, Point] = {}

@@ -41,7 +41,8 @@ def table(plan: Plan) -> str:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = [
         f"{plan.model} ({plan.parameters / 1e9:.2f}B parameters, {s.dtype}), SP={s.sp}, "
-        f"DP={s.dp}, batch {s.batch_size}, optimizer {s.optimizer}, chunk_loss="
+        f"DP={s.dp}{', parameters sharded' if s.shard_params else ''}, batch {s.batch_size}, "
+        f"optimizer {s.optimizer}, chunk_loss="
         f"{s.chunk_loss}, recompute={s.recompute!r}; budget {s.memory_gib:g} GiB per rank",
         "  ".join(
             h.rjust(w) if i < len(head) - 2 else h.ljust(w)
