@@ -53,7 +53,10 @@ class SequenceParallel(nn.Module):
                 if world % size == 0:
                     hybrid[size] = hybrid_groups(group, size)
         install_output_hooks(module)
-        backend = AutoSPBackend(group, config, self._state, hybrid)
+        mean = ("", 1)
+        if config.dp_mean == "tokens" and layout.dp > 1:
+            mean = (layout.grads.group_name, layout.dp)
+        backend = AutoSPBackend(group, config, self._state, hybrid, mean)
         # Not a submodule: the state dict has the inner module's keys only (Note [Plain keys]).
         self.__dict__["_compiled"] = torch.compile(module, backend=backend, fullgraph=True)
         self.register_load_state_dict_pre_hook(_nest_keys)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 ATTENTION_STRATEGIES = ("auto", "ulysses", "ring", "hybrid")
 RECOMPUTE_POLICIES = ("auto", "off", "cheap", "layers")
+DP_MEANS = ("tokens", "groups")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -34,6 +35,14 @@ class Config:
     its group, which would divide these sums by the degree (autosp refuses it; use
     ``autosp.integrations.ddp.wrap_ddp``). Turn it off only if something else reduces the
     gradients (FSDP2, DeepSpeed) or you sum them over the group yourself."""
+    dp_mean: str = "tokens"
+    """With data parallelism beside sequence parallelism, how a token-mean loss (a mean
+    ``cross_entropy``) is taken over the data-parallel groups: ``"tokens"``, over all their
+    labelled tokens together, as one process on the concatenated batch (every rank returns
+    that loss), or ``"groups"``, each group's own mean with the gradients averaged over the
+    groups, as DistributedDataParallel (the groups weigh the same whatever their number of
+    labelled tokens). Note [Token mean over data-parallel groups] in
+    ``autosp/compiler/loss.py``."""
     chunk_loss: bool = True
     """Compute the language-model head and its cross-entropy over chunks of tokens, so that
     the ``[tokens, vocab]`` logits never exist whole (Note [Chunked loss] in
@@ -90,6 +99,10 @@ class Config:
             raise ValueError(
                 f"autosp: attention {self.attention!r} is not one of "
                 f"{', '.join(ATTENTION_STRATEGIES)}"
+            )
+        if self.dp_mean not in DP_MEANS:
+            raise ValueError(
+                f"autosp: dp_mean {self.dp_mean!r} is not one of {', '.join(DP_MEANS)}"
             )
         if self.recompute not in RECOMPUTE_POLICIES:
             raise ValueError(

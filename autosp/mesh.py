@@ -15,10 +15,11 @@ Note [Layout of the mesh]
     ``dp``, rather than a sum over ``sp`` followed by a mean over ``dp`` (two collectives for
     the same value; dividing by a power of two is exact in floating point).
 
-    Like DistributedDataParallel, the step's gradient is the mean of the DP groups' gradients,
-    each that of its own batch's loss. It equals the gradient of one process on the
-    concatenated batch when every DP group's batch has the same number of labelled tokens
-    (a mean cross-entropy over all of them); otherwise it weights the groups equally.
+    The step's gradient is the mean of the DP groups' gradients. A token-mean loss is taken
+    over all the groups' labelled tokens (``Config.dp_mean="tokens"``, Note [Token mean over
+    data-parallel groups]): the gradient of one process on the concatenated batch, whatever
+    the groups' numbers of labelled tokens. ``dp_mean="groups"`` takes each group's own mean,
+    as DistributedDataParallel does, which weights the groups equally.
 """
 
 from __future__ import annotations

@@ -237,3 +237,52 @@ def errors() -> dict[str, str]:
         "ddp_over_sp": _message(ddp_over_sp),
         "wrap_plain": _message(lambda: wrap_ddp(build("plain_gpt"))),
     }
+
+
+def unequal_tokens(mode: str, dp_mean: str) -> dict[str, Any]:
+    """One backward on dp 2 x sp 2 where the DP groups' batches hold 11 and 1 labelled tokens
+    (after the model's shift), under ``native`` (autosp's reduction), ``ddp``, ``fsdp`` or
+    ``sharded`` (parameters gathered in the graph): this rank's loss and the worst relative
+    error of the reduced gradients against one process on the batch (``dp_mean="tokens"``:
+    the mean over all 12 tokens) or against the mean of the two sequences' own losses
+    (``"groups"``)."""
+    from autosp.integrations import fsdp, sharded
+
+    model = build("llama")
+    ref = copy.deepcopy(model)
+    mesh = sequence_parallel_mesh(SP)
+    if mode == "fsdp":
+        parallel = fsdp.shard(model, mesh, backend=BACKEND, dp_mean=dp_mean)
+    elif mode == "sharded":
+        parallel = sharded.shard(model, mesh, backend="aot_eager", dp_mean=dp_mean)
+    else:
+        parallel = autosp.parallelize(model, mesh=mesh, backend=BACKEND, dp_mean=dp_mean)
+        parallel = wrap_ddp(parallel) if mode == "ddp" else parallel
+    ids, labels = global_batch(2, seed=7)
+    labels[1, 2:] = -100  # sequence 1: one label left after the model's shift
+    loss = parallel(input_ids=split_batch(ids, mesh), labels=split_batch(labels, mesh))["loss"]
+    loss.backward()
+    if dp_mean == "tokens":
+        expected = ref(input_ids=ids, labels=labels)["loss"]
+    else:
+        expected = (
+            sum(ref(input_ids=ids[i : i + 1], labels=labels[i : i + 1])["loss"] for i in (0, 1)) / 2
+        )
+    expected.backward()
+    if mode == "fsdp":
+        grads = {
+            n.removeprefix("module."): p.grad.full_tensor() for n, p in parallel.named_parameters()
+        }
+    elif mode == "sharded":
+        for p in parallel.parameters():  # the gradients, gathered like the parameters
+            p.data = p.grad
+        grads = sharded.full_state_dict(parallel)
+    else:
+        grads = {n: p.grad for n, p in model.named_parameters()}
+    return {
+        "loss": loss.item(),
+        "ref": expected.item(),
+        "grad_rel_err": max(
+            ((grads[n] - q.grad).norm() / q.grad.norm()).item() for n, q in ref.named_parameters()
+        ),
+    }

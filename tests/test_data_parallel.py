@@ -91,3 +91,23 @@ def test_errors_say_what_to_do() -> None:
         )
         assert "process_group=model.layout.grads" in messages["ddp_over_sp"]
         assert "takes the result of autosp.parallelize()" in messages["wrap_plain"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "dp_mean"),
+    [("native", "tokens"), ("native", "groups"), ("ddp", "tokens"), ("fsdp", "tokens"),
+     ("sharded", "tokens")],
+)  # fmt: skip
+def test_token_mean_over_data_parallel_groups(mode: str, dp_mean: str) -> None:
+    """DP groups with 11 and 1 labelled tokens: under dp_mean="tokens" every rank returns the
+    mean over all 12 and the engines' gradient is one process's on the batch; "groups"
+    keeps each group's mean (DDP's weighting). The two differ by ~10% here."""
+    per_rank = run_ranks(WORLD, dp_workers.unequal_tokens, mode, dp_mean)
+    for rank, result in enumerate(per_rank):
+        assert result["grad_rel_err"] <= GRAD_TOL, (rank, result)
+        if dp_mean == "tokens":
+            assert abs(result["loss"] - result["ref"]) <= LOSS_TOL * result["ref"], result
+    if dp_mean == "groups":  # each group's own loss; their mean is the reference
+        losses = [r["loss"] for r in per_rank]
+        assert abs(sum(losses) / WORLD - per_rank[0]["ref"]) <= LOSS_TOL * per_rank[0]["ref"]
+        assert abs(losses[0] - losses[2]) > 0.01 * losses[0], losses

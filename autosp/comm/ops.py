@@ -34,6 +34,10 @@ from autosp.comm.faults import collective
 
 _counts: Counter[str] = Counter()
 
+# torch 2.13 renames the single-tensor collectives (the old names warn); 2.11 has the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
 
 @contextlib.contextmanager
 def count_collectives() -> Iterator[Counter[str]]:
@@ -119,7 +123,7 @@ def all_gather(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
 
     def run(out: torch.Tensor) -> None:
         with collective("an all_gather", pg):
-            dist.all_gather_into_tensor(out, moved, group=pg)
+            _all_gather_single(out, moved, group=pg)
 
     return _written_along(x, shape, dim, run)
 
@@ -142,7 +146,7 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
 
     def run(out: torch.Tensor) -> None:
         with collective("a reduce_scatter", pg):
-            dist.reduce_scatter_tensor(out, moved, group=pg)
+            _reduce_scatter_single(out, moved, group=pg)
 
     return _written_along(x, shape, dim, run)
 

@@ -141,6 +141,9 @@ class AutoSPBackend:
     config: Config
     state: TraceState
     hybrid: dict[int, tuple[str, str]]
+    mean: tuple[str, int] = ("", 1)
+    """``GroupInfo.mean``: where token-mean losses average (Note [Token mean over
+    data-parallel groups])."""
 
     def __call__(self, gm: GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         ctx = CompileContext(
@@ -149,6 +152,7 @@ class AutoSPBackend:
                 dist.get_world_size(self.group),
                 self.group.group_name,
                 self.hybrid,
+                self.mean,
             ),
             self.config,
             list(example_inputs),

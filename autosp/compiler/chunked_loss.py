@@ -188,12 +188,14 @@ def sharded_mean(
     chunk: int,
     grads: bool,
     group: str,
+    scale: int = 1,
 ) -> torch.Tensor:
-    """The token-mean loss of the whole sequence from this rank's rows (Note [Exact loss])."""
+    """The token-mean loss of the whole sequence from this rank's rows (Note [Exact loss],
+    Note [Token mean over data-parallel groups])."""
     total, _, _ = linear_cross_entropy_op(
         hidden, weight, target, ignore_index, label_smoothing, softcap, chunk, grads
     )
-    return global_mean(total, (target != ignore_index).sum(), group, torch.float32)
+    return global_mean(total, (target != ignore_index).sum(), group, torch.float32, scale)
 
 
 @rule("linear_cross_entropy")
@@ -217,7 +219,8 @@ def shard_linear_cross_entropy(sp: ShardingPass, node: Node) -> None:
         **{k: args[k] for k in ("ignore_index", "label_smoothing", "softcap", "chunk", "grads")},
     }
     if args["reduction"] == "mean":
-        sp.env[node] = sp.call(sharded_mean, **local, group=sp.name)
+        group, scale = sp.mean_group()
+        sp.env[node] = sp.call(sharded_mean, **local, group=group, scale=scale)
         sp.placements[node] = Replicate(loss_grad=True)
     else:  # this rank's term of the sum
         sp.env[node] = sp.call(linear_cross_entropy, **local, reduction="sum")

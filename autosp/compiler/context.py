@@ -24,6 +24,10 @@ class GroupInfo:
     hybrid: dict[int, tuple[str, str]] = field(default_factory=dict)
     """For each Ulysses size ``u`` (a proper divisor of ``world``): this rank's Ulysses group
     and ring names for hybrid attention."""
+    mean: tuple[str, int] = ("", 1)
+    """The group a token-mean loss averages over and the scale of its local sum's gradient:
+    ``(name, 1)`` or, over data-parallel groups' tokens, every ``dp x sp`` rank and ``dp``
+    (Note [Token mean over data-parallel groups]); an empty name is this group."""
 
 
 @dataclass(slots=True)

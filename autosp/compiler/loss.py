@@ -10,6 +10,24 @@ parameter gradients, summed over ranks, are the single-process ones.
 
 Labels are shifted by the model on the *whole* label tensor (they are replicated until they
 meet the logits) and only then sliced like the logits; padding rows get ``ignore_index``.
+
+Note [Token mean over data-parallel groups]
+-------------------------------------------
+With ``dp`` data-parallel groups beside the sequence-parallel one, every engine (autosp's own
+gradient sync, DDP through ``wrap_ddp``, FSDP2, ZeRO, sharded parameters) reduces the
+per-rank gradients to their sum over all ``dp x sp`` ranks divided by ``dp``: the mean over
+the groups. Under ``Config.dp_mean="tokens"`` (the default) the sum and the count cross every
+rank of the mesh instead of one group's, so the loss is the mean over all the groups' labelled
+tokens, the same on every rank, and the local sum's gradient is scaled by ``dp`` (``scale_grad``)
+so that the engines' division by ``dp`` leaves the single-process gradient of that mean:
+
+    L = sum_r total_r / sum_r count_r      (r over dp x sp)
+    d total_r = dp / sum count             -> sum over ranks / dp = the one-process gradient
+
+A group with more labelled tokens then weighs more, as in one process on the concatenated
+batch. ``"groups"`` keeps each group's own mean (DDP's weighting: equal per group). Losses
+that are not token means (``reduction="sum"``, the model's own arithmetic) are per group
+either way.
 """
 
 from __future__ import annotations
@@ -79,25 +97,31 @@ def mean_loss(
     label_smoothing: float,
     group: str,
     rows: Rows | None = None,
+    scale: int = 1,
 ) -> torch.Tensor:
-    """The token-mean loss of the whole sequence from this rank's rows. The sum and the count
-    cross ranks in fp64 (a bf16 count is inexact past 256 tokens) and the mean is rounded
-    once, to the logits' dtype. The count is of labels other than ``ignore_index``, or for
-    probability targets of the rows (``rows``), as ``F.cross_entropy`` divides."""
+    """The token-mean loss of the whole sequence from this rank's rows (over ``group``, the
+    local sum's gradient scaled by ``scale``: Note [Token mean over data-parallel groups]).
+    The sum and the count cross ranks in fp64 (a bf16 count is inexact past 256 tokens) and
+    the mean is rounded once, to the logits' dtype. The count is of labels other than
+    ``ignore_index``, or for probability targets of the rows (``rows``), as
+    ``F.cross_entropy`` divides."""
     losses = token_losses(loss_fn_name, logits, target, ignore_index, label_smoothing, rows)
     if rows is None:
         count = (target != ignore_index).sum()
     else:
         count = runtime.row_mask(losses, *rows).expand(losses.shape).sum()
-    return global_mean(losses.double().sum(), count, group, logits.dtype)
+    return global_mean(losses.double().sum(), count, group, logits.dtype, scale)
 
 
 def global_mean(
-    total: torch.Tensor, count: torch.Tensor, group: str, dtype: torch.dtype
+    total: torch.Tensor, count: torch.Tensor, group: str, dtype: torch.dtype, scale: int = 1
 ) -> torch.Tensor:
     """``sum_r total_r / sum_r count_r`` over the group, reduced in fp64 and rounded once to
-    ``dtype``; its gradient reaches each rank's ``total`` as ``grad / count``."""
-    both = ops.all_reduce_loss(torch.stack([total.double(), count.double()]), group)
+    ``dtype``; its gradient reaches each rank's ``total`` as ``scale * grad / count``."""
+    total = total.double()
+    if scale != 1:
+        total = ops.scale_grad(total, float(scale))
+    both = ops.all_reduce_loss(torch.stack([total, count.double()]), group)
     return (both[0] / both[1]).to(dtype)
 
 
@@ -136,7 +160,8 @@ def shard_loss(sp: ShardingPass, node: Node) -> None:
     )
     local = (name, sp.env[logits], local_target, ignore_index, smoothing)
     if reduction == "mean":
-        sp.env[node] = sp.call(mean_loss, *local, sp.name, rows)
+        group, scale = sp.mean_group()
+        sp.env[node] = sp.call(mean_loss, *local, group, rows, scale)
         sp.placements[node] = Replicate(loss_grad=True)
     elif reduction == "sum":
         sp.env[node] = sp.call(sum_loss, *local, rows)

@@ -295,6 +295,12 @@ class ShardingPass:
     def name(self) -> str:
         return self.group.name
 
+    def mean_group(self) -> tuple[str, int]:
+        """The group a token-mean loss averages over and its local sum's gradient scale
+        (Note [Token mean over data-parallel groups])."""
+        name, scale = self.group.mean
+        return (name or self.name), scale
+
     def gather_fallback(self, node: Node, reason: str) -> None:
         """Run ``node`` on whole inputs: correct, slower; warns once per op."""
         name = op_name(node)

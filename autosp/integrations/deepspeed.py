@@ -155,7 +155,7 @@ def initialize(
         deepspeed.init_distributed()
     sp = section.pop("sp_size")
     mesh = sequence_parallel_mesh(sp)
-    sp_model = parallelize(model, group=mesh["sp"], config=Config(sync_grads=False, **section))
+    sp_model = parallelize(model, group=mesh, config=Config(sync_grads=False, **section))
     logger.info(
         "autosp: DeepSpeed ZeRO stage %d over dp %d x sp %d",
         ds_config.get("zero_optimization", {}).get("stage", 0),

@@ -87,7 +87,7 @@ def shard(
             "gradients over the sequence-parallel ranks itself. Leave sync_grads out."
         )
     options["sync_grads"] = False
-    sp_model = parallelize(model, group=mesh["sp"], **options)
+    sp_model = parallelize(model, group=mesh, **options)
     flat = mesh["dp", "sp"]._flatten(SHARD_DIM_NAME)
     fully_shard(
         sp_model,

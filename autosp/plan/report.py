@@ -89,7 +89,10 @@ def write(plan: Plan, out: Path) -> list[Path]:
     s = plan.settings
     ax.set_xlabel("sequence length (thousand tokens, all ranks)")
     ax.set_ylabel("peak per rank (GiB)")
-    ax.set_title(f"{plan.model}, {s.dtype}, SP={s.sp}, optimizer {s.optimizer}", fontsize=10)
+    sharded = f", DP={s.dp}, parameters sharded" if s.shard_params else ""
+    ax.set_title(
+        f"{plan.model}, {s.dtype}, SP={s.sp}{sharded}, optimizer {s.optimizer}", fontsize=10
+    )
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
