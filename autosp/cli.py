@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--seed", type=int, default=0, help="seed for weights and data (%(default)s)"
     )
+    train.add_argument(
+        "--shard-params",
+        action="store_true",
+        help="shard parameters, gradients and optimizer state over dp x sp, gathered in the "
+        "graph (autosp.integrations.sharded)",
+    )
     train.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
     from autosp.plan.command import add_arguments as add_plan_arguments
 

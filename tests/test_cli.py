@@ -32,9 +32,12 @@ def run_train(tmp_path: Path, *flags: str) -> tuple[dict, str]:
 
 
 def test_train_writes_report(tmp_path: Path) -> None:
-    report, _ = run_train(tmp_path, "--sp", "2", "--seq-len", "256")
+    """SP=2 with the parameters sharded over the two ranks (the plain layout: below)."""
+    report, stderr = run_train(tmp_path, "--sp", "2", "--seq-len", "256", "--shard-params")
     assert report["config"]["sp"] == 2
     assert report["config"]["dp"] == 1
+    assert report["config"]["shard_params"] is True
+    assert "parameters sharded over 2 ranks (dp 1 x sp 2), gathered in the graph" in stderr
 
 
 def test_train_data_parallel(tmp_path: Path) -> None:
