@@ -34,7 +34,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from autosp.api import SequenceParallel, parallelize
-from autosp.errors import AutoSPError
+from autosp.integrations import require_plain_model
 
 logger = logging.getLogger(__name__)
 
@@ -70,22 +70,14 @@ def shard(
         AutoSPError: the mesh is not ``("dp", "sp")``, ``model`` is already parallelized or
             sharded, or ``sync_grads=True`` was asked for.
     """
-    if mesh.mesh_dim_names != ("dp", "sp"):
-        raise AutoSPError(
-            f"autosp: shard() needs the ('dp', 'sp') mesh of autosp.sequence_parallel_mesh(); "
-            f"got a mesh with dims {mesh.mesh_dim_names}."
-        )
-    if isinstance(model, SequenceParallel):
-        raise AutoSPError(
-            "autosp: shard() was given a model that parallelize() already wrapped. Pass the "
-            "plain model: shard() parallelizes it with sync_grads=False (FSDP's reduce-scatter "
-            "does the sum over the sequence-parallel ranks) and then shards it."
-        )
-    if options.get("sync_grads", False):
-        raise AutoSPError(
-            "autosp: sync_grads=True cannot be used with FSDP2: FSDP's reduce-scatter sums the "
-            "gradients over the sequence-parallel ranks itself. Leave sync_grads out."
-        )
+    require_plain_model(
+        "fsdp.shard",
+        "FSDP2",
+        model,
+        mesh,
+        options,
+        "FSDP's reduce-scatter sums the gradients over the sequence-parallel ranks itself",
+    )
     options["sync_grads"] = False
     sp_model = parallelize(model, group=mesh, **options)
     flat = mesh["dp", "sp"]._flatten(SHARD_DIM_NAME)

@@ -44,6 +44,7 @@ from torch.nn.utils import parametrize
 from autosp.api import SequenceParallel, parallelize
 from autosp.comm import ops
 from autosp.errors import AutoSPError
+from autosp.integrations import require_plain_model
 from autosp.mesh import resolve_layout
 
 logger = logging.getLogger(__name__)
@@ -107,22 +108,14 @@ def shard(
         AutoSPError: the mesh is not ``("dp", "sp")``, ``model`` is already parallelized or
             has parametrizations, or ``sync_grads=True`` was asked for.
     """
-    if mesh.mesh_dim_names != ("dp", "sp"):
-        raise AutoSPError(
-            f"autosp: sharded.shard() needs the ('dp', 'sp') mesh of "
-            f"autosp.sequence_parallel_mesh(); got a mesh with dims {mesh.mesh_dim_names}."
-        )
-    if isinstance(model, SequenceParallel):
-        raise AutoSPError(
-            "autosp: sharded.shard() was given a model that parallelize() already wrapped. "
-            "Pass the plain model: shard() replaces its parameters by shards, then parallelizes "
-            "it."
-        )
-    if options.get("sync_grads", False):
-        raise AutoSPError(
-            "autosp: sync_grads=True cannot be used with sharded parameters: the gathers' "
-            "backward already sums the gradients over every rank. Leave sync_grads out."
-        )
+    require_plain_model(
+        "sharded.shard",
+        "sharded parameters",
+        model,
+        mesh,
+        options,
+        "the gathers' backward already sums the gradients over every rank",
+    )
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         raise AutoSPError(
             "autosp: sharded.shard() needs a model without parametrizations (weight norm, "
