@@ -13,7 +13,7 @@ import autosp
 from autosp.compiler.tiled_mlp import tiled_mlp
 from tests.multirank import run_ranks
 from tests.test_low_precision import _check, bf16_errors
-from tests.tiled_mlp_workers import tiled_cases
+from tests.tiled_mlp_workers import auto_tiling_steps, tiled_cases
 
 LOSS_TOL = 1e-5
 GRAD_TOL = 1e-4
@@ -148,6 +148,21 @@ def test_auto_keeps_short_sequences_untiled(results: list[dict[str, dict[str, An
         assert rank["llama_auto"]["steps"][0]["backward_calls"] == {}
         tiled, untiled = (rank[c]["steps"][0]["saved_bytes"] for c in ("llama", "llama_auto"))
         assert tiled < untiled, (tiled, untiled)
+
+
+def test_auto_tiles_long_calls_of_a_short_first_call() -> None:
+    """tile_mlp="auto" decides per call (Note [Tiled MLP]): a first call of 32 tokens per
+    rank runs the model's MLP, a call of 64 gets a graph with both MLPs tiled, and 32 again
+    runs the traced graph; every step exact."""
+    for rank in run_ranks(2, auto_tiling_steps, 48, [32, 64, 32]):
+        short, long, again = rank
+        for step in rank:
+            assert step["loss_rel_err"] <= LOSS_TOL, step["loss_rel_err"]
+            assert max(step["grad_rel_err"].values()) <= GRAD_TOL, step["grad_rel_err"]
+        assert (short["compiled"], short["mlp_plan"], short["backward_calls"]) == (1, [], {})
+        assert long["compiled"] == 1 and len(long["mlp_plan"]) == LAYERS, long
+        assert long["backward_calls"] == {"backward": LAYERS}
+        assert (again["compiled"], again["backward_calls"]) == (0, {})
 
 
 def test_bf16_error_at_most_twice_single_process() -> None:

@@ -74,3 +74,37 @@ def tiled_parity(
 def tiled_cases(cases: list[tuple[str, dict[str, Any], list[int], bool]]) -> list[dict]:
     """``tiled_parity`` for each ``(name, options, seqs, checkpointed)`` in one group."""
     return [tiled_parity(*case) for case in cases]
+
+
+def auto_tiling_steps(tiled_from: int, seqs: list[int]) -> list[dict[str, Any]]:
+    """Training steps of FAMILIES["llama"] (batch 2) at ``seqs`` under ``tile_mlp="auto"``,
+    with ``AUTO_BYTES`` set so that calls above ``tiled_from`` tokens per rank tile: per step,
+    parity with one process, the MLP plans of the graphs it compiled and the tiled backward
+    calls."""
+    from autosp.compiler import tiled_mlp
+
+    torch.manual_seed(0)
+    model = FAMILIES["llama"]()
+    tiled_mlp.AUTO_BYTES = tiled_from * model.config.intermediate_size * 4  # fp32 rows
+    ref = copy.deepcopy(model)
+    parallel = autosp.parallelize(model, backend="aot_eager", mlp_chunk_tokens=5)
+    steps = []
+    for seq in seqs:
+        ids, labels = make_batch(2, seq, seed=seq)
+        compiled = len(parallel.plans)
+        loss = parallel(input_ids=ids, labels=labels)["loss"]
+        with CountTiled() as backward:
+            loss.backward()
+        expected = ref(input_ids=ids, labels=labels)["loss"]
+        expected.backward()
+        steps.append(
+            {
+                **step_errors(loss, expected, model, ref),
+                "backward_calls": dict(backward.calls),
+                "mlp_plan": [line for p in parallel.plans[compiled:] for line in p.mlp],
+                "compiled": len(parallel.plans) - compiled,
+            }
+        )
+        model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+    return steps

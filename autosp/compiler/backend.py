@@ -21,13 +21,13 @@ from torch.fx import GraphModule
 from torch.utils._python_dispatch import _disable_current_modes
 
 from autosp.compiler import runtime
-from autosp.compiler.context import CompileContext, GroupInfo
+from autosp.compiler.context import CompileContext, GroupInfo, LengthChoice
 from autosp.compiler.find_sequence import input_name, is_user_input
 from autosp.compiler.masks import MaskPlan
 from autosp.compiler.offload import offload_compiler
 from autosp.compiler.pipeline import ANALYSIS_PASSES, REWRITE_PASSES, run_passes
 from autosp.compiler.propagate import Plan
-from autosp.compiler.recompute import AutoRecompute, tokens_per_rank
+from autosp.compiler.recompute import tokens_per_rank
 from autosp.shards import register_shard
 
 if TYPE_CHECKING:
@@ -46,15 +46,15 @@ class TraceState:
     plans: list[Plan] = field(default_factory=list)
 
 
-Compile = Callable[[MaskPlan, list[Any] | None, str], tuple[Callable[..., Any], Plan]]
-"""Compile the rank-local graph for a mask plan and a recomputation policy, traced with the
-given inputs (``None``: the example inputs Dynamo traced with)."""
+Compile = Callable[[MaskPlan, list[Any] | None, LengthChoice], tuple[Callable[..., Any], Plan]]
+"""Compile the rank-local graph for a mask plan and a length choice, traced with the given
+inputs (``None``: the example inputs Dynamo traced with)."""
 
 
 class Runner:
     """Runs the compiled rank-local graph: picks the graph whose mask assumptions hold
-    (Note [Mask probing]) and whose recomputation suits the call's length (Note
-    [Recomputation by length]), and trims padding off sharded outputs."""
+    (Note [Mask probing]) and whose recomputation and tiling suit the call's length
+    (``LengthChoice``), and trims padding off sharded outputs."""
 
     def __init__(
         self,
@@ -63,50 +63,54 @@ class Runner:
         gm: GraphModule,
         group: dist.ProcessGroup,
         seq_source: tuple[str, int],
-        recompute: tuple[str, AutoRecompute | None],
+        choose: Callable[[int], LengthChoice],
+        traced_inputs: list[Any],
     ) -> None:
+        """``choose``: a call's ``LengthChoice`` from its tokens per rank; ``traced_inputs``:
+        the inputs Dynamo traced with (their graph is compiled now)."""
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self.compile_graph = compile_graph
         self.masks = masks
-        self.policy, self.auto = recompute
-        self.traced = compile_graph(masks, None, self.policy)
-        self.fallbacks: dict[tuple[Any, ...], tuple[Callable[..., Any], Plan]] = {}
-        self.placeholders = [p.name for p in placeholders]
+        self.choose = choose
         self.group = group
-        self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.seq_index = [p.name for p in placeholders].index(seq_source[0])
         self.seq_dim = seq_source[1]
+        self.choice = self._choice(traced_inputs)
+        self.traced = compile_graph(masks, None, self.choice)
+        self.fallbacks: dict[tuple[Any, ...], tuple[Callable[..., Any], Plan]] = {}
+        self.placeholders = [p.name for p in placeholders]
+        self.rank = dist.get_rank(group)
         self.inputs = {i: input_name(p) for i, p in enumerate(placeholders) if is_user_input(p)}
+
+    def _choice(self, args: Sequence[Any]) -> LengthChoice:
+        return self.choose(tokens_per_rank(args[self.seq_index], self.seq_dim, self.world))
 
     def _select(self, args: Sequence[Any]) -> tuple[Callable[..., Any], Plan]:
         """The graph of the first mask plan of the chain whose guards hold (Note [Mask
-        probing]), for the call's recomputation policy. The first plan's graph was compiled
-        while Dynamo traced, for every length; a later plan's graph, or one for another
-        policy, is compiled on first use, outside that trace, so for the shapes of this call:
-        it is kept per plan, policy and input shapes."""
+        probing]), for the call's length choice. The first plan's graph was compiled while
+        Dynamo traced, for every length; a later plan's graph, or one for another choice, is
+        compiled on first use, outside that trace, so for the shapes of this call: it is kept
+        per plan, choice and input shapes."""
         plan, level = self.masks, 0
         failed: list[str] = []
         while broken := [g for g in plan.guards if not g.holds(args[g.index])]:
             failed += [self.inputs.get(g.index, self.placeholders[g.index]) for g in broken]
             plan, level = plan.fallback or MaskPlan({}, ()), level + 1
-        policy = self.policy
-        if self.auto is not None:
-            tokens = tokens_per_rank(args[self.seq_index], self.seq_dim, self.world)
-            policy = self.auto.policy(tokens)
-        if level == 0 and policy == self.policy:
+        choice = self._choice(args)
+        if level == 0 and choice == self.choice:
             return self.traced
-        key = (level, policy)
+        key = (level, choice)
         key += tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
         if key in self.fallbacks:
             return self.fallbacks[key]
-        if policy != self.policy:
+        if choice != self.choice:
             logger.info(
-                "autosp: recompute='auto' chose %r for %s tokens per rank (the traced graph "
-                "has %r); compiling a graph for inputs of these shapes",
-                policy,
-                f"{tokens:,}",
-                self.policy,
+                "autosp: a call of %s tokens per rank runs %s (the traced graph: %s); "
+                "compiling a graph for inputs of these shapes",
+                f"{tokens_per_rank(args[self.seq_index], self.seq_dim, self.world):,}",
+                choice.describe(),
+                self.choice.describe(),
             )
         if level:
             logger.warning(
@@ -118,7 +122,7 @@ class Runner:
             )
         # No dispatch mode of the caller sees the compilation, as when Dynamo compiles.
         with _disable_current_modes():
-            self.fallbacks[key] = self.compile_graph(plan, list(args), policy)
+            self.fallbacks[key] = self.compile_graph(plan, list(args), choice)
         return self.fallbacks[key]
 
     def __call__(self, *args: Any) -> Any:
@@ -165,10 +169,10 @@ class AutoSPBackend:
         seq_index = [p.name for p in gm.graph.find_nodes(op="placeholder")].index(ctx.seq_source[0])
 
         def compile_graph(
-            masks: MaskPlan, inputs: list[Any] | None, recompute: str
+            masks: MaskPlan, inputs: list[Any] | None, choice: LengthChoice
         ) -> tuple[Callable[..., Any], Plan]:
             ctx.masks = masks
-            ctx.recompute = recompute
+            ctx.recompute, ctx.tiled_mlps = choice.recompute, choice.tiled_mlps
             tokens = (ctx.example_inputs if inputs is None else inputs)[seq_index]
             ctx.tokens_per_rank = tokens_per_rank(tokens, ctx.seq_source[1], ctx.group.world)
             local_gm = run_passes(REWRITE_PASSES, gm, ctx)
@@ -188,10 +192,5 @@ class AutoSPBackend:
             return compiled, plan
 
         return Runner(
-            compile_graph,
-            ctx.masks,
-            gm,
-            self.group,
-            ctx.seq_source,
-            (ctx.recompute, ctx.auto_recompute),
+            compile_graph, ctx.masks, gm, self.group, ctx.seq_source, ctx.choose, example_inputs
         )

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from autosp.compiler.masks import MaskPlan
     from autosp.compiler.propagate import Plan
     from autosp.compiler.recompute import AutoRecompute
+    from autosp.compiler.tiled_mlp import MlpTiling
     from autosp.config import Config
 
 
@@ -28,6 +29,18 @@ class GroupInfo:
     """The group a token-mean loss averages over and the scale of its local sum's gradient:
     ``(name, 1)`` or, over data-parallel groups' tokens, every ``dp x sp`` rank and ``dp``
     (Note [Token mean over data-parallel groups]); an empty name is this group."""
+
+
+@dataclass(frozen=True, slots=True)
+class LengthChoice:
+    """What a call's length decides, and a graph is compiled for: the recomputation policy
+    (Note [Recomputation by length]) and the gated MLPs tiled (Note [Tiled MLP])."""
+
+    recompute: str
+    tiled_mlps: frozenset[str] = frozenset()
+
+    def describe(self) -> str:
+        return f"recompute={self.recompute!r}, {len(self.tiled_mlps)} tiled MLPs"
 
 
 @dataclass(slots=True)
@@ -57,5 +70,17 @@ class CompileContext:
     """The recomputation policy of the graph being built (``estimate_recompute_pass``)."""
     auto_recompute: AutoRecompute | None = None
     """Under ``recompute="auto"``, the rule that picks each call's policy."""
+    mlps: MlpTiling | None = None
+    """The gated MLPs ``Config.tile_mlp`` may tile (``find_mlps_pass``)."""
+    tiled_mlps: frozenset[str] = frozenset()
+    """The MLPs the graph being built tiles (``tile_mlp_pass``)."""
     tokens_per_rank: int = 0
     """Tokens one rank holds in the call the graph being built is for."""
+
+    def choose(self, tokens_per_rank: int) -> LengthChoice:
+        """What a call with ``tokens_per_rank`` tokens on each rank runs (``LengthChoice``)."""
+        policy = self.config.recompute
+        if self.auto_recompute is not None:
+            policy = self.auto_recompute.policy(tokens_per_rank)
+        tiled = self.mlps.tiled(tokens_per_rank) if self.mlps is not None else frozenset()
+        return LengthChoice(policy, tiled)

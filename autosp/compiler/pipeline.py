@@ -3,8 +3,9 @@
 Every pass has the signature ``(gm, ctx) -> gm``: it reads what earlier passes recorded in the
 ``CompileContext`` and returns the graph (the same one, rewritten in place, or a new one).
 The analysis passes run once on Dynamo's graph of the whole forward; the rewrite passes build
-the rank-local graph, once per mask plan (the runner compiles a second graph when a guarded
-mask assumption fails, Note [Mask probing]).
+the rank-local graph, once per mask plan and length choice (the runner compiles another graph
+when a guarded mask assumption fails, Note [Mask probing], or a call's length needs another
+recomputation policy or other MLPs tiled, ``LengthChoice``).
 
 The inner compiler runs after them: with ``Config.offload`` its partitioner also moves the
 layers' saved activations to host memory (Note [Activation offloading], ``offload.py``).
@@ -34,7 +35,7 @@ from autosp.compiler.masks import recognise_masks_pass
 from autosp.compiler.propagate import shard_sequence_pass
 from autosp.compiler.recompute import estimate_recompute_pass, tag_recompute_pass
 from autosp.compiler.regather import regather_pass
-from autosp.compiler.tiled_mlp import tile_mlp_pass  # also registers its rule
+from autosp.compiler.tiled_mlp import find_mlps_pass, tile_mlp_pass  # + its rule
 
 Pass = Callable[[GraphModule, CompileContext], GraphModule]
 
@@ -46,11 +47,12 @@ ANALYSIS_PASSES: tuple[Pass, ...] = (
     require_loss_pass,  # labels given: a loss must be returned
     recognise_masks_pass,  # causal / structured masks, so none is built S x S
     chunk_loss_pass,  # lm head + cross-entropy over token chunks: no whole logits
-    tile_mlp_pass,  # gated MLPs over token chunks: only their inputs saved
+    find_mlps_pass,  # gated MLPs that may run over token chunks
     estimate_recompute_pass,  # recompute="auto": each call's policy from its length
 )
 
 REWRITE_PASSES: tuple[Pass, ...] = (
+    tile_mlp_pass,  # the call's gated MLPs over token chunks: only their inputs saved
     shard_sequence_pass,  # per-op placements -> the rank-local graph
     tag_recompute_pass,  # what the backward recomputes, for the partitioner
     regather_pass,  # sharded parameters: gathered again in the backward, never saved whole

@@ -35,11 +35,13 @@ afford depends on its length, so under ``Config.recompute="auto"`` the choice is
 call: ``estimate_recompute_pass`` reads off the traced graph how many bytes per token of a
 rank ``"cheap"`` saves inside the layers (matmul, attention and autosp op outputs, attention
 inputs standing for the collectives' results, and each layer's inputs: an estimate from the
-traced shapes, not a measurement), and a call runs ``"cheap"`` while that times its tokens
+traced shapes, not a measurement; gated MLPs count as untiled, an overestimate where a call
+tiles them, Note [Tiled MLP]), and a call runs ``"cheap"`` while that times its tokens
 per rank stays within the budget, ``Config.activation_memory_gib`` (default: half the
 memory of the rank's device, ``AUTO_SHARE``), else ``"layers"``. The graph traced first is
-compiled for the policy of the traced length; a call whose length needs the other policy gets
-its own graph, compiled on first use for its shapes (``backend.Runner``), and a log line.
+compiled for the policy of the traced length; a call whose length needs the other policy (or
+other MLPs tiled: ``context.LengthChoice``) gets its own graph, compiled on first use for its
+shapes (``backend.Runner``), and a log line.
 Values never depend on the choice.
 """
 
@@ -163,21 +165,18 @@ def _cheap_saved_bytes(gm: GraphModule, ctx: CompileContext) -> int:
 
 def estimate_recompute_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
     """Under ``recompute="auto"``, the rule that picks each call's policy (Note
-    [Recomputation by length]); the traced call's policy in ``ctx.recompute``."""
+    [Recomputation by length]): ``ctx.auto_recompute``."""
     if ctx.config.recompute != "auto":
-        ctx.recompute = ctx.config.recompute
         return gm
     name, dim = ctx.seq_source
     index = [p.name for p in gm.graph.find_nodes(op="placeholder")].index(name)
     tokens = ctx.example_inputs[index]
-    world = ctx.group.world
     traced = tokens_per_rank(tokens, dim, 1)
     if ctx.config.activation_memory_gib is not None:
         budget = int(ctx.config.activation_memory_gib * GIB)
     else:
-        budget = int(AUTO_SHARE * device_memory_per_rank(tokens.device, world))
+        budget = int(AUTO_SHARE * device_memory_per_rank(tokens.device, ctx.group.world))
     ctx.auto_recompute = AutoRecompute(_cheap_saved_bytes(gm, ctx) / traced, budget)
-    ctx.recompute = ctx.auto_recompute.policy(tokens_per_rank(tokens, dim, world))
     return gm
 
 

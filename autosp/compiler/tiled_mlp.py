@@ -29,14 +29,20 @@ The op is opaque to the partitioner: Note [Sequence-aware recomputation] marks i
 an ``autosp`` op), so its output is kept and its inside is never recomputed by the graph as
 well. Its rows are independent, so under sequence parallelism each rank runs its own rows.
 
-When: ``Config.tile_mlp`` ``True`` / ``False`` forces it; ``"auto"`` tiles an MLP when one
-``[tokens per rank, intermediate]`` activation of the traced call exceeds ``AUTO_BYTES``. With
-a dynamic sequence length the decision of the first traced length stays for the graph.
+When: ``Config.tile_mlp`` ``True`` / ``False`` forces it; ``"auto"`` tiles an MLP in a call
+where one ``[tokens per rank, intermediate]`` activation exceeds ``AUTO_BYTES``. That is decided
+per call, as the recomputation policy is (Note [Recomputation by length]): ``find_mlps_pass``
+records the gated MLPs of the traced graph once, and ``tile_mlp_pass`` rewrites those the call
+being compiled tiles (``CompileContext.tiled_mlps``, chosen by ``MlpTiling.tiled``), so a short
+first call (a warm-up, the planner's compiling step) leaves long calls tiled; a length that
+tiles other MLPs than the traced graph gets its own graph (``backend.Runner``).
 """
 
 from __future__ import annotations
 
+import copy
 import operator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,7 +54,7 @@ from autosp.compiler.context import CompileContext
 from autosp.compiler.ops_table import meta, op_name
 from autosp.compiler.placement import Replicate, Shard
 from autosp.compiler.propagate import ShardingPass, UnsupportedOp, rule
-from autosp.compiler.seqdims import hint, seq_dims
+from autosp.compiler.seqdims import seq_dims
 
 AUTO_BYTES = 256 * 2**20
 """``tile_mlp="auto"`` tiles an MLP whose ``[tokens per rank, intermediate]`` activation is
@@ -306,27 +312,58 @@ def _module_path(nodes: list[Node]) -> str | None:
     return common.partition(".")[2] if common.startswith("L[") else common
 
 
-def tile_mlp_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
-    """Replace each gated MLP on the token path by ``tiled_mlp`` (Note [Tiled MLP]) where
-    ``Config.tile_mlp`` says so."""
-    setting = ctx.config.tile_mlp
-    if setting is False:
+@dataclass(frozen=True, slots=True)
+class MlpTiling:
+    """The gated MLPs of a traced graph that ``Config.tile_mlp`` may tile, and which a call
+    tiles (Note [Tiled MLP])."""
+
+    setting: bool | str
+    """``Config.tile_mlp``: ``True`` or ``"auto"``."""
+    row_bytes: dict[str, int]
+    """Per MLP (its ``down`` node's name): the bytes of one token's intermediate activation."""
+
+    def tiled(self, tokens_per_rank: int) -> frozenset[str]:
+        """The MLPs a call with ``tokens_per_rank`` tokens on each rank runs tiled."""
+        return frozenset(
+            name
+            for name, row in self.row_bytes.items()
+            if self.setting is True or tokens_per_rank * row > AUTO_BYTES
+        )
+
+
+def find_mlps_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
+    """Record the gated MLPs on the token path that ``Config.tile_mlp`` may tile
+    (``ctx.mlps``); ``tile_mlp_pass`` rewrites them per call."""
+    if ctx.config.tile_mlp is False:
         return gm
-    graph = gm.graph
-    for down in list(graph.nodes):
+    row_bytes = {}
+    for down in gm.graph.nodes:
         found = _gated_mlp(down)
         if found is None:
             continue
-        x, gate_weight, up_weight, down_weight, activation, inner = found
+        x, gate_weight, up_weight, down_weight, _, inner = found
         value = meta(x)
         dtypes = {meta(n).dtype for n in (x, gate_weight, up_weight, down_weight, *inner, down)}
         if len(dtypes) != 1 or not seq_dims(value, ctx.seq_syms):
             continue  # mixed precision (autocast), or not on the token path (routed experts)
-        intermediate = meta(gate_weight).shape[0]
-        tokens = hint(value.numel()) // hint(value.shape[-1])
-        per_rank = -(-tokens // ctx.group.world) * intermediate * value.element_size()
-        if setting == "auto" and per_rank <= AUTO_BYTES:
+        row_bytes[down.name] = meta(gate_weight).shape[0] * value.element_size()
+    ctx.mlps = MlpTiling(ctx.config.tile_mlp, row_bytes)
+    return gm
+
+
+def tile_mlp_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
+    """Replace each gated MLP of ``ctx.tiled_mlps`` by ``tiled_mlp`` (Note [Tiled MLP]), in a
+    copy of ``gm`` (the traced graph stays whole for the calls that tile other MLPs)."""
+    if not ctx.tiled_mlps:
+        return gm
+    gm = GraphModule(gm, copy.deepcopy(gm.graph))  # node names, and so the mask plan, kept
+    graph = gm.graph
+    for down in list(graph.nodes):
+        if down.name not in ctx.tiled_mlps:
             continue
+        x, gate_weight, up_weight, down_weight, activation, inner = _gated_mlp(down)
+        value = meta(x)
+        intermediate = meta(gate_weight).shape[0]
         chunk = chunk_rows(intermediate, value.element_size(), ctx.config.mlp_chunk_tokens)
         with graph.inserting_before(down):
             tiled = graph.call_function(
