@@ -255,7 +255,11 @@ class Emulator:
 
     def plan_lines(self) -> list[str]:
         return sorted(
-            {line for p in self.parallel.plans for line in p.attention + p.loss + p.recompute}
+            {
+                line
+                for p in self.parallel.plans
+                for line in p.attention + p.loss + p.mlp + p.recompute
+            }
         )
 
 
