@@ -25,11 +25,14 @@ def steps() -> dict[str, list[dict]]:
 
 
 @pytest.mark.parametrize("policy", ["off", "cheap", "layers"])
-def test_exact_and_no_collective_recomputed(steps: dict[str, list[dict]], policy: str) -> None:
+def test_exact_and_no_collective_or_attention_recomputed(
+    steps: dict[str, list[dict]], policy: str
+) -> None:
     for result in steps[policy]:
         assert result["loss_rel_err"] <= 1e-5, result
         assert max(result["grad_rel_err"].values()) <= 1e-4, result["grad_rel_err"]
         assert result["backward"] == {"all_to_all": 4 * LAYERS, "grad_all_reduce": 1}
+        assert result["attention"] == (LAYERS, 0)  # (forward, backward): never recomputed
 
 
 def test_less_is_saved(steps: dict[str, list[dict]]) -> None:

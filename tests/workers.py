@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import autosp
 from tests.models import VOCAB, build
@@ -51,6 +52,36 @@ def saved_tensor_bytes() -> Iterator[list[int]]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield saved
+
+
+ATTENTION_KERNELS = frozenset(
+    {
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "blockwise_attention",
+        "ring_attention",
+    }
+)
+"""Attention forward kernels: ATen's SDPA kernels and autosp's attention ops."""
+
+
+class CountAttention(TorchDispatchMode):
+    """Counts the attention forward kernels the compiled graphs run (not those that run
+    while torch.compile traces)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.calls += func._opname in ATTENTION_KERNELS
+        return func(*args, **(kwargs or {}))
 
 
 def step_errors(
@@ -334,16 +365,17 @@ def checkpointed_parity(name: str, backend: str) -> dict[str, Any]:
 def recompute_step(family: str, recompute: str, budget_gib: float | None = None) -> dict[str, Any]:
     """One training step under ``Config.recompute`` (and ``activation_memory_gib``): parity
     with one process, the bytes the forward saved for the backward, the backward's
-    collectives and the recompute plan."""
+    collectives, the attention kernels the forward and the backward ran and the recompute
+    plan."""
     model = build(family)
     ref = copy.deepcopy(model)
     parallel = autosp.parallelize(
         model, backend="aot_eager", recompute=recompute, activation_memory_gib=budget_gib
     )
     ids, labels = make_batch(2, 32, seed=3)
-    with saved_tensor_bytes() as saved:
+    with saved_tensor_bytes() as saved, CountAttention() as forward_attention:
         loss = parallel(input_ids=ids, labels=labels)["loss"]
-    with autosp.count_collectives() as backward:
+    with autosp.count_collectives() as backward, CountAttention() as backward_attention:
         loss.backward()
     expected = ref(input_ids=ids, labels=labels)["loss"]
     expected.backward()
@@ -351,6 +383,7 @@ def recompute_step(family: str, recompute: str, budget_gib: float | None = None)
         **step_errors(loss, expected, model, ref),
         "saved_bytes": sum(saved),
         "backward": dict(backward),
+        "attention": (forward_attention.calls, backward_attention.calls),
         "plan": [line for p in parallel.plans for line in p.recompute],
     }
 
