@@ -68,9 +68,10 @@ class Config:
     tile_mlp: bool | str = "auto"
     """Run each gated MLP (``down(act(gate(x)) * up(x))``) over chunks of tokens, saving only
     its input and recomputing each chunk in the backward (Note [Tiled MLP] in
-    ``autosp/compiler/tiled_mlp.py``); exact. ``"auto"`` tiles an MLP when one
-    ``[tokens per rank, intermediate]`` activation exceeds 256 MiB (``tiled_mlp.AUTO_BYTES``);
-    True or False forces it on or off. ``model.plans`` lists the tiled MLPs."""
+    ``autosp/compiler/tiled_mlp.py``); exact. ``"auto"`` tiles an MLP in each call where one
+    ``[tokens per rank, intermediate]`` activation exceeds 256 MiB (``tiled_mlp.AUTO_BYTES``),
+    decided per call as ``recompute="auto"`` is; True or False forces it on or off.
+    ``model.plans`` lists the tiled MLPs."""
     mlp_chunk_tokens: int | None = None
     """Tokens per chunk of a tiled MLP; None: as many as make 64 MiB of intermediate
     activation."""
