@@ -118,7 +118,8 @@ class Spec:
     window: int = 3
     pos_emb: str = "none"  # none, learned, rope
     norm: str = "layer"  # layer, rms, rms_manual
-    mlp: str = "dense"  # dense, moe
+    mlp: str = "dense"  # dense, gated (down(silu(gate(x)) * up(x)), bias-free), moe
+    tile_mlp: bool = False  # gated: autosp's tiled MLP forced on, 3-token chunks
     experts: int = 2
     top_k: int = 1
     moe_impl: str = "loop"  # loop (one Linear per expert), einsum (stacked expert weights)
@@ -146,6 +147,8 @@ class Spec:
             problems.append("softcap needs written-out attention")
         if self.mask == "none" and self.mask_dtype != "bool":
             problems.append("mask 'none' has no dtype")
+        if self.tile_mlp and self.mlp != "gated":
+            problems.append("tile_mlp needs mlp 'gated'")
         if self.top_k > self.experts:
             problems.append("top_k > experts")
         if self.pos_emb == "rope" and self.head_dim % 2:
@@ -192,7 +195,7 @@ def specs(draw: st.DrawFn, worlds: tuple[int, ...] = (2, 3, 4)) -> Spec:
     output = draw(st.sampled_from(("dict", "tuple", "tensor")))
     mask = draw(st.sampled_from(("none", "positions", "window", "documents", "padding")))
     mixer = draw(st.sampled_from(MIXERS))
-    mlp = draw(st.sampled_from(("dense", "moe")))
+    mlp = draw(st.sampled_from(("dense", "gated", "moe")))
     experts = draw(st.integers(2, 4))
     length = st.one_of(st.sampled_from(PRIMES), st.integers(4, 40))
     batch = draw(st.integers(1, 3))
@@ -222,6 +225,7 @@ def specs(draw: st.DrawFn, worlds: tuple[int, ...] = (2, 3, 4)) -> Spec:
         top_k=draw(st.integers(1, experts)),
         moe_impl=draw(st.sampled_from(("loop", "einsum"))),
         aux_loss=draw(st.booleans()) if mlp == "moe" else False,
+        tile_mlp=draw(st.booleans()) if mlp == "gated" else False,
         mixer=mixer,
         dropout=draw(st.sampled_from((0.0, 0.25))) if mixer == "dropout" else 0.0,
         tie=draw(st.booleans()),
@@ -413,6 +417,11 @@ class _MLP(nn.Module):
         if spec.mlp == "dense":
             self.up, self.down = nn.Linear(d, hidden), nn.Linear(hidden, d)
             return
+        if spec.mlp == "gated":
+            self.gate, self.up, self.down = (
+                nn.Linear(i, o, bias=False) for i, o in ((d, hidden), (d, hidden), (hidden, d))
+            )
+            return
         self.router = nn.Linear(d, spec.experts, bias=False)
         if spec.moe_impl == "loop":
             self.experts = nn.ModuleList(
@@ -428,6 +437,8 @@ class _MLP(nn.Module):
         spec = self.spec
         if spec.mlp == "dense":
             return self.down(F.gelu(self.up(x))), None
+        if spec.mlp == "gated":
+            return self.down(F.silu(self.gate(x)) * self.up(x)), None
         probs = torch.softmax(self.router(x), dim=-1)  # [.., E]
         weights, chosen = probs.topk(spec.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -619,6 +630,8 @@ def evaluate_spec(spec: Spec, group: dist.ProcessGroup, backend: str) -> dict[st
                 attention=spec.attention,
                 load_balance=spec.load_balance,
                 recognise_masks=spec.recognise_masks,
+                tile_mlp=True if spec.tile_mlp else "auto",
+                mlp_chunk_tokens=3,
                 return_logits=True,  # compared below; the loss is chunked all the same
             )
             errors = []
