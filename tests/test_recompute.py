@@ -7,6 +7,7 @@ import re
 import pytest
 
 import autosp
+from autosp.compiler.recompute import AutoRecompute
 from tests.multirank import run_ranks
 from tests.workers import auto_recompute_steps, recompute_step
 
@@ -69,6 +70,28 @@ def test_auto_switches_with_length(steps: dict[str, list[dict]]) -> None:
         assert long["plan"][1].startswith("auto chose 'layers' for 64 tokens per rank")
         assert again["plan"] == []  # the traced graph again: nothing compiled
         assert long["saved_bytes"] < 2 * short["saved_bytes"]  # "cheap" would save 2x
+
+
+def test_auto_counts_tiled_mlps_out() -> None:
+    """A tiled MLP's gate and up outputs are not saved: "cheap" runs longer calls where the
+    MLPs are tiled, and switches to "layers" once, at the first length over the budget."""
+    untiled = AutoRecompute(100.0, 10_000)
+    assert (untiled.limit, untiled.policy(100), untiled.policy(101)) == (100, "cheap", "layers")
+    tiled_from_51 = AutoRecompute(100.0, 10_000, ((50, 40.0),))
+    assert tiled_from_51.bytes_per_token(50) == 100 and tiled_from_51.bytes_per_token(51) == 60
+    assert (tiled_from_51.limit, tiled_from_51.policy(166), tiled_from_51.policy(167)) == (
+        166,
+        "cheap",
+        "layers",
+    )
+    # Over the budget (30 tokens) before tiling starts: one switch, no way back to "cheap".
+    late = AutoRecompute(100.0, 3_000, ((50, 90.0),))
+    assert (late.limit, late.policy(30), late.policy(31), late.policy(60)) == (
+        30,
+        "cheap",
+        "layers",
+        "layers",
+    )
 
 
 def test_unknown_policy() -> None:

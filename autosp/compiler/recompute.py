@@ -35,10 +35,11 @@ afford depends on its length, so under ``Config.recompute="auto"`` the choice is
 call: ``estimate_recompute_pass`` reads off the traced graph how many bytes per token of a
 rank ``"cheap"`` saves inside the layers (matmul, attention and autosp op outputs, attention
 inputs standing for the collectives' results, and each layer's inputs: an estimate from the
-traced shapes, not a measurement; gated MLPs count as untiled, an overestimate where a call
-tiles them, Note [Tiled MLP]), and a call runs ``"cheap"`` while that times its tokens
-per rank stays within the budget, ``Config.activation_memory_gib`` (default: half the
-memory of the rank's device, ``AUTO_SHARE``), else ``"layers"``. The graph traced first is
+traced shapes, not a measurement; less the gate and up outputs of each gated MLP in the
+lengths that tile it, Note [Tiled MLP]), and calls run ``"cheap"`` up to the first length
+whose saved activations would exceed the budget, ``Config.activation_memory_gib`` (default:
+half the memory of the rank's device, ``AUTO_SHARE``), and ``"layers"`` above it (one switch,
+even where tiling would bring a longer call back within the budget). The graph traced first is
 compiled for the policy of the traced length; a call whose length needs the other policy (or
 other MLPs tiled: ``context.LengthChoice``) gets its own graph, compiled on first use for its
 shapes (``backend.Runner``), and a log line.
@@ -98,23 +99,37 @@ class AutoRecompute:
     """``recompute="auto"``'s rule for one traced graph (Note [Recomputation by length])."""
 
     cheap_bytes_per_token: float
-    """What ``"cheap"`` saves inside the layers per token of a rank (estimated)."""
+    """What ``"cheap"`` saves inside the layers per token of a rank, every MLP untiled
+    (estimated)."""
     budget: int
     """Bytes of saved activations per rank that ``"cheap"`` may take."""
+    tiling: tuple[tuple[int, float], ...] = ()
+    """Per gated MLP in a layer that ``Config.tile_mlp`` may tile: the most tokens per rank it
+    runs untiled, and the bytes per token that ``"cheap"`` does not save once it is tiled."""
+
+    def bytes_per_token(self, tokens_per_rank: int) -> float:
+        """What ``"cheap"`` saves per token of a rank in a call of this length."""
+        untiled = sum(saving for above, saving in self.tiling if tokens_per_rank > above)
+        return self.cheap_bytes_per_token - untiled
 
     def policy(self, tokens_per_rank: int) -> str:
-        return "cheap" if self.cheap_bytes_per_token * tokens_per_rank <= self.budget else "layers"
+        return "cheap" if tokens_per_rank <= self.limit else "layers"
 
     @property
     def limit(self) -> int:
-        """The most tokens per rank that run ``"cheap"``."""
-        if not self.cheap_bytes_per_token:
-            return 2**62
-        return int(self.budget / self.cheap_bytes_per_token)
+        """The most tokens per rank that run ``"cheap"``: those below the first length whose
+        saved activations exceed the budget."""
+        low = 0
+        for high in sorted({above for above, _ in self.tiling} | {2**62}):
+            rate = self.bytes_per_token(low + 1)  # the same for every length in (low, high]
+            if rate > 0 and rate * high > self.budget:
+                return max(low, int(self.budget / rate))
+            low = high
+        return 2**62
 
     def describe(self, policy: str, tokens_per_rank: int) -> str:
         """The plan line of the choice."""
-        saved = self.cheap_bytes_per_token * tokens_per_rank / GIB
+        saved = self.bytes_per_token(tokens_per_rank) * tokens_per_rank / GIB
         return (
             f"auto chose '{policy}' for {tokens_per_rank:,} tokens per rank: 'cheap' would save "
             f"~{saved:.3g} GiB per rank against a budget of {self.budget / GIB:.3g} GiB "
@@ -176,7 +191,15 @@ def estimate_recompute_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule
         budget = int(ctx.config.activation_memory_gib * GIB)
     else:
         budget = int(AUTO_SHARE * device_memory_per_rank(tokens.device, ctx.group.world))
-    ctx.auto_recompute = AutoRecompute(_cheap_saved_bytes(gm, ctx) / traced, budget)
+    tiling = ()
+    if ctx.mlps is not None:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        tiling = tuple(
+            (ctx.mlps.tiled_above(name), 2 * row)  # its gate and up matmuls' outputs
+            for name, row in ctx.mlps.row_bytes.items()
+            if layer_of(nodes[name]) is not None
+        )
+    ctx.auto_recompute = AutoRecompute(_cheap_saved_bytes(gm, ctx) / traced, budget, tiling)
     return gm
 
 

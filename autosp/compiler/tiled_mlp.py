@@ -322,13 +322,13 @@ class MlpTiling:
     row_bytes: dict[str, int]
     """Per MLP (its ``down`` node's name): the bytes of one token's intermediate activation."""
 
+    def tiled_above(self, name: str) -> int:
+        """The most tokens per rank of a call that runs MLP ``name`` untiled."""
+        return 0 if self.setting is True else AUTO_BYTES // self.row_bytes[name]
+
     def tiled(self, tokens_per_rank: int) -> frozenset[str]:
         """The MLPs a call with ``tokens_per_rank`` tokens on each rank runs tiled."""
-        return frozenset(
-            name
-            for name, row in self.row_bytes.items()
-            if self.setting is True or tokens_per_rank * row > AUTO_BYTES
-        )
+        return frozenset(n for n in self.row_bytes if tokens_per_rank > self.tiled_above(n))
 
 
 def find_mlps_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
