@@ -67,7 +67,7 @@ class CompileContext:
     plan: Plan | None = None
     """What the sharding pass did (``shard_sequence_pass``)."""
     recompute: str = "off"
-    """The recomputation policy of the graph being built (``estimate_recompute_pass``)."""
+    """The recomputation policy of the graph being built (its ``LengthChoice``)."""
     auto_recompute: AutoRecompute | None = None
     """Under ``recompute="auto"``, the rule that picks each call's policy."""
     mlps: MlpTiling | None = None
