@@ -3,33 +3,16 @@
 from __future__ import annotations
 
 import copy
-from collections import Counter
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import autosp
 from tests.models import FAMILIES
-from tests.workers import make_batch, saved_tensor_bytes, step_errors
+from tests.workers import CountOps, make_batch, saved_tensor_bytes, step_errors
 
-TILED_OPS = {
-    torch.ops.autosp.tiled_mlp.default: "forward",
-    torch.ops.autosp.tiled_mlp_backward.default: "backward",
-}
-
-
-class CountTiled(TorchDispatchMode):
-    """Counts calls of the tiled MLP's forward and backward ops."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func in TILED_OPS:
-            self.calls[TILED_OPS[func]] += 1
-        return func(*args, **(kwargs or {}))
+TILED_OPS = {"tiled_mlp": "forward", "tiled_mlp_backward": "backward"}
+"""The tiled MLP's ops, for ``CountOps``."""
 
 
 def tiled_parity(
@@ -49,7 +32,7 @@ def tiled_parity(
         ids, labels = make_batch(2, seq, seed=seq)
         with saved_tensor_bytes() as saved:
             loss = parallel(input_ids=ids, labels=labels)["loss"]
-        with CountTiled() as backward, autosp.count_collectives() as collectives:
+        with CountOps(TILED_OPS) as backward, autosp.count_collectives() as collectives:
             loss.backward()
         expected = ref(input_ids=ids, labels=labels)["loss"]
         expected.backward()
@@ -93,7 +76,7 @@ def auto_tiling_steps(tiled_from: int, seqs: list[int]) -> list[dict[str, Any]]:
         ids, labels = make_batch(2, seq, seed=seq)
         compiled = len(parallel.plans)
         loss = parallel(input_ids=ids, labels=labels)["loss"]
-        with CountTiled() as backward:
+        with CountOps(TILED_OPS) as backward:
             loss.backward()
         expected = ref(input_ids=ids, labels=labels)["loss"]
         expected.backward()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,33 +55,38 @@ def saved_tensor_bytes() -> Iterator[list[int]]:
         yield saved
 
 
-ATTENTION_KERNELS = frozenset(
-    {
+ATTENTION = "attention"
+ATTENTION_KERNELS = dict.fromkeys(
+    (
         "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_cudnn_attention",
         "blockwise_attention",
         "ring_attention",
-    }
+    ),
+    ATTENTION,
 )
-"""Attention forward kernels: ATen's SDPA kernels and autosp's attention ops."""
+"""Attention forward kernels (ATen's SDPA kernels and autosp's attention ops), for
+``CountOps``."""
 
 
-class CountAttention(TorchDispatchMode):
-    """Counts the attention forward kernels the compiled graphs run (not those that run
-    while torch.compile traces)."""
+class CountOps(TorchDispatchMode):
+    """Counts the calls of the ops named in ``labels`` (op name -> label) that the compiled
+    graphs run (not those that run while torch.compile traces), by label."""
 
-    def __init__(self) -> None:
+    def __init__(self, labels: dict[str, str]) -> None:
         super().__init__()
-        self.calls = 0
+        self.labels = labels
+        self.calls: Counter[str] = Counter()
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
         return True
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.calls += func._opname in ATTENTION_KERNELS
+        if func._opname in self.labels:
+            self.calls[self.labels[func._opname]] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -373,9 +379,9 @@ def recompute_step(family: str, recompute: str, budget_gib: float | None = None)
         model, backend="aot_eager", recompute=recompute, activation_memory_gib=budget_gib
     )
     ids, labels = make_batch(2, 32, seed=3)
-    with saved_tensor_bytes() as saved, CountAttention() as forward_attention:
+    with saved_tensor_bytes() as saved, CountOps(ATTENTION_KERNELS) as forward_attention:
         loss = parallel(input_ids=ids, labels=labels)["loss"]
-    with autosp.count_collectives() as backward, CountAttention() as backward_attention:
+    with autosp.count_collectives() as backward, CountOps(ATTENTION_KERNELS) as backward_attention:
         loss.backward()
     expected = ref(input_ids=ids, labels=labels)["loss"]
     expected.backward()
@@ -383,7 +389,7 @@ def recompute_step(family: str, recompute: str, budget_gib: float | None = None)
         **step_errors(loss, expected, model, ref),
         "saved_bytes": sum(saved),
         "backward": dict(backward),
-        "attention": (forward_attention.calls, backward_attention.calls),
+        "attention": (forward_attention.calls[ATTENTION], backward_attention.calls[ATTENTION]),
         "plan": [line for p in parallel.plans for line in p.recompute],
     }
 
