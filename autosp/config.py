@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 ATTENTION_STRATEGIES = ("auto", "ulysses", "ring", "hybrid")
-RECOMPUTE_POLICIES = ("auto", "off", "cheap", "layers")
+RECOMPUTE_POLICIES = ("auto", "off", "cheap", "layers", "full")
 DP_MEANS = ("tokens", "groups")
 
 
@@ -56,15 +56,17 @@ class Config:
     """What the backward recomputes (Note [Sequence-aware recomputation] in
     ``autosp/compiler/recompute.py``): ``"cheap"`` (inside each layer everything but
     attention, collectives and matmuls), ``"layers"`` (each layer from its input, attention
-    and collectives kept), ``"off"`` (what the model's own checkpointing and the compiler
-    choose) or ``"auto"``: ``"cheap"`` for a call whose saved activations fit in
-    ``activation_memory_gib``, else ``"layers"`` (Note [Recomputation by length]). Takes
-    effect with an AOTAutograd backend (``"inductor"``, ``"aot_eager"``); values never
-    change."""
+    and collectives kept), ``"full"`` (each layer from its input, attention and collectives
+    included), ``"off"`` (what the model's own checkpointing and the compiler choose) or
+    ``"auto"``: for each call the first of ``"cheap"`` and ``"layers"`` whose saved
+    activations fit in ``activation_memory_gib``, else ``"full"`` (Note [Recomputation by
+    length]). Takes effect with an AOTAutograd backend (``"inductor"``, ``"aot_eager"``);
+    values never change."""
     activation_memory_gib: float | None = None
-    """Under ``recompute="auto"``: GiB per rank that ``"cheap"``'s saved activations may take
-    before a call switches to ``"layers"``; None: half of the memory of the rank's device
-    (a GPU's, or the host's shared by its ranks)."""
+    """Under ``recompute="auto"``: GiB per rank that the saved activations of ``"cheap"``
+    (then of ``"layers"``) may take before a call switches to ``"layers"`` (then to
+    ``"full"``); None: half of the memory of the rank's device (a GPU's, or the host's shared
+    by its ranks)."""
     tile_mlp: bool | str = "auto"
     """Run each gated MLP (``down(act(gate(x)) * up(x))``) over chunks of tokens, saving only
     its input and recomputing each chunk in the backward (Note [Tiled MLP] in

@@ -10,7 +10,10 @@ rank (a warm-up step, then a timed one):
     checkpointing, the model called on rank 0's shard (``gpu_check.py``'s baseline);
 (b) the same + a hand-written chunked loss (4096-token chunks of the head and the
     cross-entropy, each checkpointed: ALST's tiled loss);
-(c) autosp's defaults called with the full batch;
+(c) autosp's defaults called with the full batch; then, as the defaults
+    (``recompute="auto"``) switch to ``recompute="full"`` past a length (Note [Recomputation by
+    length]), the line of ``"full"`` at the two longest sizes (one step each): (c)'s longest
+    context is predicted on it where ``"auto"`` runs ``"full"``;
 (d) (c) with ``Config(offload=True)``: the layers' saved activations in pinned host memory
     between the forward and the backward (needs torch >= 2.12; not in the default modes, which
     fill the 10 minutes: ``--modes c d`` compares the two).
@@ -28,6 +31,7 @@ of the device's memory, and the step time at 64k per rank (524,288 tokens in all
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import queue as queue_module
@@ -50,7 +54,7 @@ SETUP = {
     "cuda": {"model": gpu_check.SIZES["cuda"]["p2"], "sizes": [16384, 32768, 65536], "sp": 8},
     "cpu": {"model": gpu_check.SIZES["cpu"]["p2"], "sizes": [128, 256, 512], "sp": 8},
 }
-BUDGET_S = {"a": 150.0, "b": 150.0, "c": 240.0, "d": 240.0}
+BUDGET_S = {"a": 130.0, "b": 130.0, "c": 300.0, "d": 240.0}
 """Wall-clock per mode on the GPU (10 minutes in all with start-up); 4x on a CPU."""
 LOSS_CHUNK = 4096
 LABELS = {
@@ -99,24 +103,30 @@ def _mode(mode: str, device_name: str, deadline: float, queue: Any) -> None:
             rope_theta=500000.0,
             attn_implementation=attn,
         )
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = LlamaForCausalLM(config).to(torch.bfloat16)
-        model.train()
-        target: Any = model
-        if mode in ("a", "b"):
-            model.gradient_checkpointing_enable()
-        else:
+
+        def build(recompute: str) -> tuple[Any, Any]:
+            """The model, and what a step calls: the model itself or autosp's wrapper."""
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = LlamaForCausalLM(config).to(torch.bfloat16)
+            model.train()
+            if mode in ("a", "b"):
+                model.gradient_checkpointing_enable()
+                return model, model
             import autosp
 
-            target = autosp.parallelize(model, group=dist.group.WORLD, offload=mode == "d")
-        for tokens in setup["sizes"]:
+            target = autosp.parallelize(
+                model, group=dist.group.WORLD, offload=mode == "d", recompute=recompute
+            )
+            return model, target
+
+        def measure(model: Any, target: Any, tokens: int, timed: bool) -> dict[str, Any]:
             gen = torch.Generator().manual_seed(1)
             full = torch.randint(0, setup["model"]["vocab"], (1, tokens * sp), generator=gen)
             ids = (full if mode in ("c", "d") else full[:, :tokens]).to(device)
             positions = torch.arange(tokens, device=device)[None]
 
-            def run(ids: torch.Tensor = ids, positions: torch.Tensor = positions) -> float:
+            def run() -> float:
                 if mode == "a":
                     loss = target(input_ids=ids, labels=ids, position_ids=positions)["loss"]
                 elif mode == "b":
@@ -132,10 +142,16 @@ def _mode(mode: str, device_name: str, deadline: float, queue: Any) -> None:
             entry: dict[str, Any] = {"tokens_per_rank": tokens, "total_tokens": tokens * sp}
             entry["first"] = gpu_check._timed_step(run, device)
             if (
-                entry["first"]["status"] == "ok"
+                timed
+                and entry["first"]["status"] == "ok"
                 and deadline - time.time() > entry["first"]["seconds"] * 1.2 + 10
             ):
                 entry["timed"] = gpu_check._timed_step(run, device)
+            return entry
+
+        model, target = build("auto")
+        for tokens in setup["sizes"]:
+            entry = measure(model, target, tokens, timed=True)
             send("size", entry=entry)
             if entry["first"]["status"] != "ok" or time.time() > deadline:
                 break
@@ -143,6 +159,18 @@ def _mode(mode: str, device_name: str, deadline: float, queue: Any) -> None:
             plans = target.plans
             lines = {line for p in plans for line in p.loss + p.recompute + p.offload}
             send("plans", lines=sorted(lines))
+            limits = [p.auto_limits for p in plans if p.auto_limits is not None]
+            send("auto_limits", lines=list(limits[0]) if limits else None)
+        if mode == "c":  # the line of the policy that auto runs at the longest lengths
+            del model, target
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            model, target = build("full")
+            for tokens in setup["sizes"][-2:]:
+                if time.time() > deadline:
+                    break
+                send("full_size", entry=measure(model, target, tokens, timed=False))
     except Exception as err:  # noqa: BLE001 - reported by the parent
         send("error", error=str(err)[:300], trace=traceback.format_exc()[-3000:])
     send("done")
@@ -159,6 +187,15 @@ def _fit(entries: list[dict[str, Any]], memory_gib: float, key: str, sp: int) ->
     fixed = peaks[1] - slope * per_rank[1]
     longest = int((0.97 * memory_gib - fixed) / slope * 1000 * sp) if slope > 0 else None
     return {"slope_gib_per_1k": round(slope, 4), "fixed_gib": round(fixed, 2), "longest": longest}
+
+
+def _predicted(found: dict[str, Any], sp: int) -> int | None:
+    """(c)'s longest context: on the line of ``recompute="full"`` where ``"auto"`` runs it
+    (past its ``"layers"`` limit, in tokens per rank), else on the defaults' own line."""
+    full, limits = found["full_line"].get("longest"), found.get("auto_limits")
+    if full is not None and limits and full // sp > limits[-1]:
+        return full
+    return found.get("longest")
 
 
 def main() -> None:
@@ -198,17 +235,22 @@ def main() -> None:
                 break
             if msg["kind"] == "done":
                 break
-            if msg["kind"] == "size":
-                found["sizes"].append(msg["entry"])
-                print(json.dumps({"mode": mode, **msg["entry"]}), flush=True)
+            if msg["kind"] in ("size", "full_size"):
+                found.setdefault(msg["kind"] + "s", []).append(msg["entry"])
+                print(json.dumps({"mode": mode, msg["kind"]: msg["entry"]}), flush=True)
             else:
                 found[msg["kind"]] = msg.get("lines") or msg.get("error")
                 print(json.dumps(msg)[:2000], flush=True)
         child.join(timeout=30)
         if child.is_alive():
             child.kill()
-        found.update(_fit(found["sizes"], memory_gib, key, SETUP[args.device]["sp"]))
-        print(json.dumps({"mode": mode, **{k: v for k, v in found.items() if k != "sizes"}}))
+        sp = SETUP[args.device]["sp"]
+        found.update(_fit(found["sizes"], memory_gib, key, sp))
+        if "full_sizes" in found:
+            found["full_line"] = _fit(found["full_sizes"], memory_gib, key, sp)
+            found["predicted_longest"] = _predicted(found, sp)
+        summary = {k: v for k, v in found.items() if k not in ("sizes", "full_sizes")}
+        print(json.dumps({"mode": mode, **summary}))
         record["modes"][mode] = found
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)

@@ -126,12 +126,13 @@ def test_sharded_parameters_divide_the_fixed_memory() -> None:
 def test_auto_recompute_switches_in_the_plan() -> None:
     """Under the default recompute="auto" the planner traces what parallelize would run:
     "cheap" at short lengths, "layers" once "cheap"'s saved activations pass half the memory
-    (Note [Recomputation by length]); the answer still fits and the next length does not."""
+    and "full" once "layers"' do (Note [Recomputation by length]); the search goes on past
+    each switch (the peak drops there), and the answer fits while the next length does not."""
     settings = PlanSettings(memory_gib=0.05, sp=2, optimizer="none", curve_points=0)
     assert settings.recompute == "auto"
     result = plan(plan_config("tiny"), settings)
     chosen = [line.split(" for ")[0] for line in result.plans if line.startswith("auto chose")]
-    assert set(chosen) == {"auto chose 'cheap'", "auto chose 'layers'"}, result.plans
+    assert set(chosen) == {f"auto chose '{p}'" for p in ("cheap", "layers", "full")}, result.plans
     budget = int(settings.memory_gib * GIB)
     assert result.point(result.largest).memory.peak <= budget
     assert result.point(result.largest + settings.step).memory.peak > budget

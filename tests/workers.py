@@ -73,7 +73,10 @@ ATTENTION_KERNELS = dict.fromkeys(
 
 class CountOps(TorchDispatchMode):
     """Counts the calls of the ops named in ``labels`` (op name -> label) that the compiled
-    graphs run (not those that run while torch.compile traces), by label."""
+    graphs run (not those that run while torch.compile traces), by label, also where a
+    higher-order op runs them (a recomputed attention under ``run_and_save_rng_state``)."""
+
+    supports_higher_order_operators = True
 
     def __init__(self, labels: dict[str, str]) -> None:
         super().__init__()
@@ -85,8 +88,9 @@ class CountOps(TorchDispatchMode):
         return True
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func._opname in self.labels:
-            self.calls[self.labels[func._opname]] += 1
+        for op in (func, *(a for a in args if isinstance(a, torch._ops.OpOverload))):
+            if getattr(op, "_opname", None) in self.labels:
+                self.calls[self.labels[op._opname]] += 1
         return func(*args, **(kwargs or {}))
 
 

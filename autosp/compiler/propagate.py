@@ -62,9 +62,9 @@ class Plan:
     recompute: list[str] = field(default_factory=list)
     mlp: list[str] = field(default_factory=list)
     """The MLPs run over chunks of tokens (Note [Tiled MLP])."""
-    cheap_limit: int | None = None
-    """Under ``recompute="auto"``: the tokens per rank up to which a call runs ``"cheap"``
-    (Note [Recomputation by length])."""
+    auto_limits: tuple[int, int] | None = None
+    """Under ``recompute="auto"``: the tokens per rank up to which a call runs ``"cheap"``,
+    and ``"layers"`` (Note [Recomputation by length])."""
     offload: list[str] = field(default_factory=list)
     """What the partitioner moved to host memory (Note [Activation offloading])."""
 

@@ -12,42 +12,47 @@ every ATen node traced from the node):
   ``ac_graph_id`` per layer, so each layer's input is saved at the boundary and a layer is
   recomputed from it alone:
 
-  - ``MUST_SAVE``: attention (every strategy's op), collectives and the helpers that call
-    them, random ops (dropout: a recomputed mask would differ), and under
-    ``Config.recompute="cheap"`` the matmuls;
-  - ``PREFER_RECOMPUTE``: everything else, norms, activations, elementwise and views, and
-    under ``"layers"`` the matmuls too;
+  - ``MUST_SAVE``: random ops (dropout: a recomputed mask would differ); under
+    ``Config.recompute="cheap"`` and ``"layers"`` attention (every strategy's op),
+    collectives and the helpers that call them; under ``"cheap"`` the matmuls too;
+  - ``PREFER_RECOMPUTE``: everything else: norms, activations, elementwise and views, under
+    ``"layers"`` the matmuls, and under ``"full"`` the attention and the collectives as well
+    (a layer keeps only its input, as Hugging Face's full gradient checkpointing does);
 
 * outside the layers (embedding, final norm, loss) nothing is tagged.
 
-``"auto"`` (the default) picks ``"cheap"`` or ``"layers"`` for each call from its length
-(Note [Recomputation by length]).
+``"auto"`` (the default) picks ``"cheap"``, ``"layers"`` or ``"full"`` for each call from its
+length (Note [Recomputation by length]).
 
 A region the model checkpointed itself (Note [Checkpointed regions]) keeps its own tags when
 ``Config.recompute`` is ``"off"``; otherwise this policy replaces them. Recomputation changes
-memory and time, never values.
+memory and time, never values: every recomputed op, a collective or an attention included, is
+deterministic and runs in the same order on every rank.
 
 Note [Recomputation by length]
 ------------------------------
-``"cheap"`` is the faster policy (no matmul is run twice) and ``"layers"`` the smaller one
-(each layer keeps its input, its attention and what crossed the network). Which one a step can
-afford depends on its length, so under ``Config.recompute="auto"`` the choice is made per
+``"cheap"`` is the fastest policy (no matmul is run twice), ``"layers"`` saves less (each
+layer keeps its input, its attention and what crossed the network) and ``"full"`` the least
+(each layer keeps its input; its attention and its collectives run twice). Which one a step
+can afford depends on its length, so under ``Config.recompute="auto"`` the choice is made per
 call: ``estimate_recompute_pass`` reads off the traced graph how many bytes per token of a
-rank ``"cheap"`` saves inside the layers (matmul, attention and autosp op outputs, attention
-inputs standing for the collectives' results, and each layer's inputs: an estimate from the
-traced shapes, not a measurement; less the gate and up outputs of each gated MLP in the
-lengths that tile it, Note [Tiled MLP]), and calls run ``"cheap"`` up to the first length
-whose saved activations would exceed the budget, ``Config.activation_memory_gib`` (default:
-half the memory of the rank's device, ``AUTO_SHARE``), and ``"layers"`` above it (one switch,
-even where tiling would bring a longer call back within the budget). The graph traced first is
-compiled for the policy of the traced length; a call whose length needs the other policy (or
+rank ``"cheap"`` and ``"layers"`` save inside the layers (attention and autosp op outputs,
+attention inputs standing for the collectives' results, each layer's inputs, and for
+``"cheap"`` the matmul outputs, less the gate and up outputs of each gated MLP in the lengths
+that tile it, Note [Tiled MLP]: an estimate from the traced shapes, not a measurement), and a
+call runs the first of ``"cheap"`` and ``"layers"`` whose saved activations fit the budget,
+``Config.activation_memory_gib`` (default: half the memory of the rank's device,
+``AUTO_SHARE``), else ``"full"``. Each policy runs one range of lengths (one switch from
+``"cheap"``, even where tiling would bring a longer call back within the budget), and a call
+that runs ``"full"`` logs a warning: its attention runs three times. The graph traced first is
+compiled for the policy of the traced length; a call whose length needs another policy (or
 other MLPs tiled: ``context.LengthChoice``) gets its own graph, compiled on first use for its
-shapes (``backend.Runner``), and a log line.
-Values never depend on the choice.
+shapes (``backend.Runner``), and a log line. Values never depend on the choice.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -64,15 +69,17 @@ from autosp.compiler.seqdims import hint, seq_dims
 MATMULS = frozenset({"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "grouped_mm"})
 RANDOM = frozenset({"dropout", "native_dropout", "rand", "randn", "rand_like", "bernoulli"})
 SAVED_MODULES = ("autosp.comm", "autosp.compiler.attention", "autosp.compiler.runtime")
-"""Functions of these modules in the rank-local graph communicate or attend: never
-recomputed."""
+"""Functions of these modules in the rank-local graph communicate or attend: recomputed
+under ``"full"`` only."""
 
 AUTO_SHARE = 0.5
 """``recompute="auto"`` without ``Config.activation_memory_gib``: the share of a rank's device
-memory that ``"cheap"``'s saved activations may take (Note [Recomputation by length])."""
+memory that the saved activations of ``"cheap"`` or ``"layers"`` may take (Note
+[Recomputation by length])."""
 GIB = 2**30
 
 MUST_SAVE = CheckpointPolicy.MUST_SAVE
+logger = logging.getLogger(__name__)
 _NUMBERED = re.compile(r"\.(\d+)$|\[(\d+)\]$")
 
 
@@ -87,11 +94,13 @@ def layer_of(node: Node) -> str | None:
 
 
 def _saved(node: Node, policy: str) -> bool:
+    name = op_name(node)
+    if name in RANDOM or policy == "full":
+        return name in RANDOM
     module = getattr(node.target, "__module__", "") or ""
     if module.startswith(SAVED_MODULES) or str(node.target).startswith("autosp."):
         return True  # autosp's functions and its custom ops (torch.ops.autosp.*)
-    name = op_name(node)
-    return name in RANDOM or (policy == "cheap" and name in MATMULS)
+    return policy == "cheap" and name in MATMULS
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +110,10 @@ class AutoRecompute:
     cheap_bytes_per_token: float
     """What ``"cheap"`` saves inside the layers per token of a rank, every MLP untiled
     (estimated)."""
+    layers_bytes_per_token: float
+    """What ``"layers"`` saves inside the layers per token of a rank (estimated)."""
     budget: int
-    """Bytes of saved activations per rank that ``"cheap"`` may take."""
+    """Bytes of saved activations per rank that ``"cheap"`` or ``"layers"`` may take."""
     tiling: tuple[tuple[int, float], ...] = ()
     """Per gated MLP in a layer that ``Config.tile_mlp`` may tile: the most tokens per rank it
     runs untiled, and the bytes per token that ``"cheap"`` does not save once it is tiled."""
@@ -113,7 +124,9 @@ class AutoRecompute:
         return self.cheap_bytes_per_token - untiled
 
     def policy(self, tokens_per_rank: int) -> str:
-        return "cheap" if tokens_per_rank <= self.limit else "layers"
+        if tokens_per_rank <= self.limit:
+            return "cheap"
+        return "layers" if tokens_per_rank <= self.layers_limit else "full"
 
     @property
     def limit(self) -> int:
@@ -127,13 +140,21 @@ class AutoRecompute:
             low = high
         return 2**62
 
+    @property
+    def layers_limit(self) -> int:
+        """The most tokens per rank that run ``"cheap"`` or ``"layers"``."""
+        rate = self.layers_bytes_per_token
+        return max(self.limit, int(self.budget / rate)) if rate > 0 else 2**62
+
     def describe(self, policy: str, tokens_per_rank: int) -> str:
         """The plan line of the choice."""
-        saved = self.bytes_per_token(tokens_per_rank) * tokens_per_rank / GIB
+        cheap = self.bytes_per_token(tokens_per_rank) * tokens_per_rank / GIB
+        layers = self.layers_bytes_per_token * tokens_per_rank / GIB
         return (
             f"auto chose '{policy}' for {tokens_per_rank:,} tokens per rank: 'cheap' would save "
-            f"~{saved:.3g} GiB per rank against a budget of {self.budget / GIB:.3g} GiB "
-            f"(Config.activation_memory_gib); 'cheap' up to ~{self.limit:,} tokens per rank"
+            f"~{cheap:.3g} GiB per rank and 'layers' ~{layers:.3g} GiB against a budget of "
+            f"{self.budget / GIB:.3g} GiB (Config.activation_memory_gib); 'cheap' up to "
+            f"~{self.limit:,} tokens per rank, 'layers' up to ~{self.layers_limit:,}"
         )
 
 
@@ -152,10 +173,11 @@ def device_memory_per_rank(device: torch.device, world: int) -> int:
     return host // int(os.environ.get("LOCAL_WORLD_SIZE", world))
 
 
-def _cheap_saved_bytes(gm: GraphModule, ctx: CompileContext) -> int:
-    """The bytes (all ranks together, at the traced shapes) that ``"cheap"`` saves inside the
-    layers: matmul, attention and autosp op outputs, attention inputs (for the collectives'
-    results) and each layer's inputs from outside it."""
+def _saved_bytes(gm: GraphModule, ctx: CompileContext) -> tuple[int, int]:
+    """The bytes (all ranks together, at the traced shapes) that ``"cheap"`` and ``"layers"``
+    save inside the layers: attention and autosp op outputs, attention inputs (for the
+    collectives' results), random ops' outputs and each layer's inputs from outside it, and
+    for ``"cheap"`` the matmul outputs."""
 
     def size(node: object) -> int:
         value = meta(node)
@@ -163,7 +185,7 @@ def _cheap_saved_bytes(gm: GraphModule, ctx: CompileContext) -> int:
             return 0
         return hint(value.numel()) * value.element_size()
 
-    total = 0
+    kept = matmuls = 0
     inputs: set[tuple[str, Node]] = set()
     for node in gm.graph.nodes:
         layer = layer_of(node) if node.op in ("call_function", "call_method") else None
@@ -171,11 +193,14 @@ def _cheap_saved_bytes(gm: GraphModule, ctx: CompileContext) -> int:
             continue
         name = op_name(node)
         if name in ATTENTION:
-            total += 2 * size(node) + sum(size(a) for a in node.args[:3])
-        elif name in MATMULS or name in RANDOM or str(node.target).startswith("autosp."):
-            total += size(node)
+            kept += 2 * size(node) + sum(size(a) for a in node.args[:3])
+        elif name in RANDOM or str(node.target).startswith("autosp."):
+            kept += size(node)
+        elif name in MATMULS:
+            matmuls += size(node)
         inputs.update((layer, a) for a in node.all_input_nodes if layer_of(a) != layer)
-    return total + sum(size(a) for _, a in inputs)
+    kept += sum(size(a) for _, a in inputs)
+    return kept + matmuls, kept
 
 
 def estimate_recompute_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
@@ -199,8 +224,20 @@ def estimate_recompute_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule
             for name, row in ctx.mlps.row_bytes.items()
             if layer_of(nodes[name]) is not None
         )
-    ctx.auto_recompute = AutoRecompute(_cheap_saved_bytes(gm, ctx) / traced, budget, tiling)
+    cheap, layers = _saved_bytes(gm, ctx)
+    ctx.auto_recompute = AutoRecompute(cheap / traced, layers / traced, budget, tiling)
     return gm
+
+
+DESCRIPTIONS = {
+    "cheap": "norms, activations and elementwise ops recomputed in the backward; attention, "
+    "collectives, random ops and matmuls saved",
+    "layers": "layers recomputed in the backward from their inputs; attention, collectives and "
+    "random ops saved",
+    "full": "layers recomputed in the backward from their inputs, attention and collectives "
+    "included; random ops saved",
+}
+"""What a plan line says each policy does."""
 
 
 def tag_recompute_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
@@ -225,14 +262,15 @@ def tag_recompute_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
             else CheckpointPolicy.PREFER_RECOMPUTE
         )
     if ctx.plan is not None and regions:
-        if policy == "cheap":
-            what = "norms, activations and elementwise ops recomputed in the backward; "
-            kept = "attention, collectives, random ops and matmuls saved"
-        else:
-            what = "layers recomputed in the backward from their inputs; "
-            kept = "attention, collectives and random ops saved"
-        ctx.plan.recompute.append(f"{policy}: {len(regions)} {what}{kept}")
+        ctx.plan.recompute.append(f"{policy}: {len(regions)} {DESCRIPTIONS[policy]}")
         if ctx.auto_recompute is not None:
-            ctx.plan.recompute.append(ctx.auto_recompute.describe(policy, ctx.tokens_per_rank))
-            ctx.plan.cheap_limit = ctx.auto_recompute.limit
+            choice = ctx.auto_recompute.describe(policy, ctx.tokens_per_rank)
+            ctx.plan.recompute.append(choice)
+            ctx.plan.auto_limits = (ctx.auto_recompute.limit, ctx.auto_recompute.layers_limit)
+            if policy == "full":
+                logger.warning(
+                    "autosp: %s. Its attention and collectives run again in the backward; "
+                    "where 'layers' fits, raise Config.activation_memory_gib to keep them",
+                    choice,
+                )
     return gm

@@ -308,7 +308,7 @@ def _advice(settings: PlanSettings, *options: str) -> str:
         "--dtype bf16": settings.dtype != "fp32",
         "--optimizer param": settings.optimizer != "fp32",
         "--optimizer none": settings.optimizer == "none",
-        "--recompute layers": settings.recompute == "layers",
+        "--recompute full": settings.recompute == "full",
         "--batch-size 1": settings.batch_size == 1,
         "--chunk-loss": settings.chunk_loss,
         "--shard-params": settings.shard_params,
@@ -355,7 +355,7 @@ def _too_small(memory: StepMemory, seq_len: int, settings: PlanSettings) -> Auto
             "--memory",
             "--sp",
             "--chunk-loss",
-            "--recompute layers",
+            "--recompute full",
             "--batch-size 1",
             "--optimizer param",
         )
@@ -417,8 +417,8 @@ def plan(
                 )
             return traced[seq_len]
 
-        largest = _search(trace, traced, budget, step, settings.max_tokens, settings)
-        _check_switch(trace, largest, emulator, settings)
+        largest = _search(trace, traced, budget, step, settings.max_tokens, settings, step)
+        largest = _past_switches(trace, traced, largest, emulator, settings)
         for extra in settings.lengths:
             trace(extra)
         for i in range(1, settings.curve_points + 1):
@@ -442,27 +442,27 @@ def plan(
         )
 
 
-def _check_switch(
-    trace: Callable[[int], Point], largest: int, emulator: Emulator, settings: PlanSettings
-) -> None:
+def _past_switches(
+    trace: Callable[[int], Point],
+    traced: dict[int, Point],
+    largest: int,
+    emulator: Emulator,
+    settings: PlanSettings,
+) -> int:
     """Under ``recompute="auto"`` the peak drops where calls switch from ``"cheap"`` to
-    ``"layers"`` (Note [Recomputation by length]), so an answer below the switch is checked
-    against the first length above it; refused if that fits too (the search assumes the
-    peak grows with the length)."""
-    limits = [p.cheap_limit for p in emulator.parallel.plans if p.cheap_limit is not None]
+    ``"layers"`` and from ``"layers"`` to ``"full"`` (Note [Recomputation by length]): the peak
+    grows with the length between switches only. So an answer below a switch is checked
+    against the first length above it, and the search goes on from there if that fits."""
+    limits = [p.auto_limits for p in emulator.parallel.plans if p.auto_limits is not None]
     if not limits:
-        return
-    switch = min(limits) * settings.sp // settings.batch_size  # a sequence length
-    above = (switch // settings.step + 1) * settings.step
-    if largest < above <= settings.max_tokens and trace(above).memory.peak <= (
-        settings.memory_gib * GIB
-    ):
-        raise AutoSPError(
-            f"autosp plan: under --recompute auto, {largest:,} tokens are the longest that fit "
-            f"with 'cheap', but {above:,} fit with 'layers' (calls switch above "
-            f"{min(limits):,} tokens per rank): the peak does not grow with the length. Plan "
-            "with --recompute layers for the longest context, or --recompute cheap"
-        )
+        return largest
+    step, budget = settings.step, int(settings.memory_gib * GIB)
+    for switch in sorted(set(limits[0])):
+        seq_len = switch * settings.sp // settings.batch_size
+        above = (seq_len // step + 1) * step
+        if largest < above <= settings.max_tokens and trace(above).memory.peak <= budget:
+            largest = _search(trace, traced, budget, step, settings.max_tokens, settings, above)
+    return largest
 
 
 def _growing(point: Point) -> int:
@@ -478,15 +478,16 @@ def _search(
     step: int,
     cap: int,
     settings: PlanSettings,
+    start: int,
 ) -> int:
-    """The largest multiple of ``step`` up to ``cap`` whose traced peak fits ``budget``: a
-    secant search on the forward and backward peak, over traced lengths, bracketing the
-    answer between a length that fits and the next one, which does not."""
-    first = trace(step)
+    """The largest multiple of ``step`` from ``start`` up to ``cap`` whose traced peak fits
+    ``budget``: a secant search on the forward and backward peak, over traced lengths,
+    bracketing the answer between a length that fits and the next one, which does not."""
+    first = trace(start)
     if first.memory.peak > budget:
-        raise _too_small(first.memory, step, settings)
-    fits, over = step, None
-    candidate = min(cap, FIRST_FIT * step)
+        raise _too_small(first.memory, start, settings)
+    fits, over = start, None
+    candidate = min(cap, max(FIRST_FIT * step, 2 * start))
     for _ in range(MAX_TRACES):
         if trace(candidate).memory.peak <= budget:
             fits = max(fits, candidate)

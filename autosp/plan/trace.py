@@ -89,7 +89,11 @@ class MemoryTracker(TorchDispatchMode):
     """Follows every storage made while it is active, and records the peak of live bytes.
 
     ``ignore_compile_internals``: the mode is off while torch.compile compiles and on while
-    the compiled graphs run, so it sees the ops of autosp's rank-local graph."""
+    the compiled graphs run, so it sees the ops of autosp's rank-local graph. Higher-order ops
+    pass through it too (a recomputed attention runs under ``run_and_save_rng_state``): their
+    outputs are followed."""
+
+    supports_higher_order_operators = True
 
     def __init__(self) -> None:
         super().__init__()
