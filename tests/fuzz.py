@@ -5,7 +5,9 @@ how it is parallelized. The property, checked by ``evaluate_spec`` on every rank
 group, is autosp's contract:
 
 * ``exact``: loss rel. err <= LOSS_TOL on every length, every parameter gradient rel. err
-  <= GRAD_TOL (``tests.workers.grad_errors``), gathered logits max err <= LOGITS_TOL of the
+  <= GRAD_TOL (``tests.workers.grad_errors``) or, where that fails, its error against an fp64
+  single process at most FP32_NOISE times the fp32 single process's own (a gradient that is
+  fp32 rounding noise, such as a saturated loss's), gathered logits max err <= LOGITS_TOL of the
   largest logit, the same loss on every rank, and a compiled plan (never a silent eager run);
 * ``gathered``: exact, and every op the plan gathered was named in a warning;
 * ``refused``: ``autosp.AutoSPError`` raised (the message is recorded);
@@ -67,6 +69,7 @@ MAX_POSITIONS = 64
 LOSS_TOL = 1e-5  # fp32 loss: sums reordered across ranks
 GRAD_TOL = 1e-4  # fp32 gradients: attention and matmul reductions reordered
 LOGITS_TOL = 1e-5  # relative to the largest logit (fp32: layers of reordered sums)
+FP32_NOISE = 2.0  # a gradient may be off fp64 by 2x what the fp32 single process is
 DROPOUT_LOSS_TOL = 0.5  # Note [Dropout]: a gross bound, dropout changes the loss by a few %
 DROPOUT_SPREAD = 3.0  # Note [Dropout]: or within 3x the single process's own spread
 BACKEND = "eager"
@@ -120,6 +123,7 @@ class Spec:
     norm: str = "layer"  # layer, rms, rms_manual
     mlp: str = "dense"  # dense, gated (down(silu(gate(x)) * up(x)), bias-free), moe
     tile_mlp: bool = False  # gated: autosp's tiled MLP forced on, 3-token chunks
+    recompute: str = "auto"  # autosp's Config.recompute: auto (cheap at these sizes), layers, full
     experts: int = 2
     top_k: int = 1
     moe_impl: str = "loop"  # loop (one Linear per expert), einsum (stacked expert weights)
@@ -226,6 +230,7 @@ def specs(draw: st.DrawFn, worlds: tuple[int, ...] = (2, 3, 4)) -> Spec:
         moe_impl=draw(st.sampled_from(("loop", "einsum"))),
         aux_loss=draw(st.booleans()) if mlp == "moe" else False,
         tile_mlp=draw(st.booleans()) if mlp == "gated" else False,
+        recompute=draw(st.sampled_from(("auto", "auto", "layers", "full"))),
         mixer=mixer,
         dropout=draw(st.sampled_from((0.0, 0.25))) if mixer == "dropout" else 0.0,
         tie=draw(st.booleans()),
@@ -632,6 +637,7 @@ def evaluate_spec(spec: Spec, group: dist.ProcessGroup, backend: str) -> dict[st
                 recognise_masks=spec.recognise_masks,
                 tile_mlp=True if spec.tile_mlp else "auto",
                 mlp_chunk_tokens=3,
+                recompute=spec.recompute,
                 return_logits=True,  # compared below; the loss is chunked all the same
             )
             errors = []
@@ -693,9 +699,13 @@ def _step(
         found.append(
             f"step {batch}x{seq}: loss {loss.item():.6g} vs {ref_loss.item():.6g} ({loss_err:.2e})"
         )
+    bad = {n for n, e in grads.items() if not e <= GRAD_TOL}
+    if bad:
+        bad -= _within_fp32_noise(spec, inputs, batch * 1000 + seq, model, ref)
+        grads = {n: e for n, e in grads.items() if n in bad} or {"": 0.0}
     worst = max(grads.items(), key=lambda kv: kv[1])
     if not worst[1] <= GRAD_TOL:
-        bad = sorted((n for n, e in grads.items() if not e <= GRAD_TOL), key=grads.get)
+        bad = sorted(bad, key=grads.get)
         found.append(
             f"step {batch}x{seq}: grad {worst[0]} rel err {worst[1]:.2e} ({len(bad)} bad: {bad})"
         )
@@ -711,6 +721,20 @@ def _step(
         if not err <= LOGITS_TOL:
             found.append(f"step {batch}x{seq}: logits rel. max err {err:.2e} ({tuple(full.shape)})")
     return "; ".join(found)
+
+
+def _within_fp32_noise(
+    spec: Spec, inputs: dict[str, Any], seed: int, model: nn.Module, ref: nn.Module
+) -> set[str]:
+    """The parameters whose gradient is as close to an fp64 single process's as fp32 allows:
+    error against it at most FP32_NOISE times the fp32 single process's own."""
+    exact = copy.deepcopy(ref).double()
+    exact.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss, _ = _loss_logits(spec, _call(exact, spec, inputs))
+    loss.backward()
+    ours, theirs = (grad_errors(m, exact) for m in (model, ref))
+    return {n for n, e in ours.items() if e <= FP32_NOISE * theirs[n]}
 
 
 def fuzz_group(specs_: list[Spec], results_path: str, backend: str, deadline: float) -> None:
