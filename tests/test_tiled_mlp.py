@@ -82,6 +82,7 @@ CASES: dict[str, tuple[str, dict[str, Any], list[int], bool]] = {
         [13],
         False,
     ),
+    "llama_full": ("llama", {**TILED, "recompute": "full"}, [13], False),
     "llama_hf_checkpointing": ("llama", {**TILED, "recompute": "off"}, [13], True),
     "mistral_inductor": ("mistral", {**TILED, "backend": "inductor"}, [13], False),
 }
@@ -116,28 +117,34 @@ def test_parity(results: list[dict[str, dict[str, Any]]], case: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("case", "activation"),
+    ("case", "activation", "rerun"),
     [
-        ("llama", "silu"),
-        ("gemma_layers_whole_loss", "gelu_tanh"),
-        ("llama_hf_checkpointing", "silu"),
-        ("mistral_inductor", "silu"),
+        ("llama", "silu", {}),
+        ("gemma_layers_whole_loss", "gelu_tanh", {}),
+        # the forward's four all-to-alls per layer run again, and the last layer's MLP (the
+        # final norm's backward reads that layer's output, which nothing saves)
+        ("llama_full", "silu", {"all_to_all": 4 * LAYERS, "forward": 1}),
+        ("llama_hf_checkpointing", "silu", {}),
+        ("mistral_inductor", "silu", {}),
     ],
 )
 def test_plan_and_backward(
-    results: list[dict[str, dict[str, Any]]], case: str, activation: str
+    results: list[dict[str, dict[str, Any]]], case: str, activation: str, rerun: dict[str, int]
 ) -> None:
     """``model.plans`` lists each layer's MLP with its chunk; the backward runs each tiled
-    MLP's backward once and never its forward again (the op is saved, not recomputed), with
-    the collectives of the untiled model."""
+    MLP's backward once and its forward only where ``rerun`` says (the op is saved; under
+    ``recompute="full"`` a layer's output is recomputed only where nothing saves it), with the
+    collectives of the untiled model."""
     for rank in results:
         result = rank[case]
         assert len(result["mlp_plan"]) == LAYERS, result["mlp_plan"]
         for line in result["mlp_plan"]:
             assert re.fullmatch(rf"{MLP_PATH}: tiled MLP \({activation}, 5 {PER_CHUNK}", line), line
         for step in result["steps"]:
-            assert step["backward_calls"] == {"backward": LAYERS}, step["backward_calls"]
-            assert step["collectives"] == {"all_to_all": 4 * LAYERS, "grad_all_reduce": 1}
+            forward = {"forward": rerun["forward"]} if "forward" in rerun else {}
+            assert step["backward_calls"] == {"backward": LAYERS, **forward}, step
+            all_to_alls = 4 * LAYERS + rerun.get("all_to_all", 0)
+            assert step["collectives"] == {"all_to_all": all_to_alls, "grad_all_reduce": 1}
 
 
 def test_auto_keeps_short_sequences_untiled(results: list[dict[str, dict[str, Any]]]) -> None:
