@@ -417,8 +417,7 @@ def plan(
                 )
             return traced[seq_len]
 
-        largest = _search(trace, traced, budget, step, settings.max_tokens, settings, step)
-        largest = _past_switches(trace, traced, largest, emulator, settings)
+        largest = _largest(trace, traced, _segments(emulator, settings), settings)
         for extra in settings.lengths:
             trace(extra)
         for i in range(1, settings.curve_points + 1):
@@ -442,26 +441,35 @@ def plan(
         )
 
 
-def _past_switches(
+def _segments(emulator: Emulator, settings: PlanSettings) -> list[tuple[int, int]]:
+    """The ranges of sequence lengths (multiples of ``settings.step``, up to
+    ``settings.max_tokens``) whose peak grows with the length: one, or under
+    ``recompute="auto"`` one per policy, as the peak drops where calls switch from ``"cheap"``
+    to ``"layers"`` and from ``"layers"`` to ``"full"`` (Note [Recomputation by length])."""
+    step, cap = settings.step, settings.max_tokens
+    limits = next((p.auto_limits for p in emulator.parallel.plans if p.auto_limits), ())
+    ends = sorted({limit * settings.sp // settings.batch_size // step * step for limit in limits})
+    starts = [step] + [end + step for end in ends]
+    return [(lo, min(hi, cap)) for lo, hi in zip(starts, [*ends, cap], strict=True) if lo <= cap]
+
+
+def _largest(
     trace: Callable[[int], Point],
     traced: dict[int, Point],
-    largest: int,
-    emulator: Emulator,
+    segments: list[tuple[int, int]],
     settings: PlanSettings,
 ) -> int:
-    """Under ``recompute="auto"`` the peak drops where calls switch from ``"cheap"`` to
-    ``"layers"`` and from ``"layers"`` to ``"full"`` (Note [Recomputation by length]): the peak
-    grows with the length between switches only. So an answer below a switch is checked
-    against the first length above it, and the search goes on from there if that fits."""
-    limits = [p.auto_limits for p in emulator.parallel.plans if p.auto_limits is not None]
-    if not limits:
-        return largest
-    step, budget = settings.step, int(settings.memory_gib * GIB)
-    for switch in sorted(set(limits[0])):
-        seq_len = switch * settings.sp // settings.batch_size
-        above = (seq_len // step + 1) * step
-        if largest < above <= settings.max_tokens and trace(above).memory.peak <= budget:
-            largest = _search(trace, traced, budget, step, settings.max_tokens, settings, above)
+    """The largest length whose traced peak fits the budget: the largest of each segment's
+    (``_segments``) where its first length fits."""
+    budget = int(settings.memory_gib * GIB)
+    first = trace(segments[0][0])
+    if first.memory.peak > budget:
+        raise _too_small(first.memory, first.seq_len, settings)
+    largest = segments[0][0]
+    for lo, hi in segments:
+        if lo > largest and trace(lo).memory.peak > budget:
+            continue  # a later segment starts lower: it may fit again
+        largest = max(largest, _search(trace, traced, budget, settings.step, lo, hi))
     return largest
 
 
@@ -476,45 +484,47 @@ def _search(
     traced: dict[int, Point],
     budget: int,
     step: int,
-    cap: int,
-    settings: PlanSettings,
-    start: int,
+    lo: int,
+    hi: int,
 ) -> int:
-    """The largest multiple of ``step`` from ``start`` up to ``cap`` whose traced peak fits
-    ``budget``: a secant search on the forward and backward peak, over traced lengths,
-    bracketing the answer between a length that fits and the next one, which does not."""
-    first = trace(start)
-    if first.memory.peak > budget:
-        raise _too_small(first.memory, start, settings)
-    fits, over = start, None
-    candidate = min(cap, max(FIRST_FIT * step, 2 * start))
+    """The largest multiple of ``step`` in ``[lo, hi]`` whose traced peak fits ``budget``,
+    where ``lo`` fits and the peak grows with the length: a secant search on the forward and
+    backward peak over traced lengths of the range, bracketing the answer between a length
+    that fits and the next one, which does not."""
+    fits, over = lo, None
+    candidate = min(hi, max(FIRST_FIT * step, 2 * lo))
     for _ in range(MAX_TRACES):
+        if candidate <= fits:
+            return fits
         if trace(candidate).memory.peak <= budget:
             fits = max(fits, candidate)
         else:
             over = candidate if over is None else min(over, candidate)
         if over is not None and over - fits <= step:
             return fits
-        if over is None and fits >= cap:
-            return cap
+        if over is None and fits >= hi:
+            return hi
         low = trace(fits)
+        below = [n for n in traced if lo <= n < fits]
         if over is not None:
             high = trace(over)
-        else:  # the longest fitting length and the one below it
-            high, low = low, trace(max((n for n in traced if n < fits), default=step))
+        elif below:  # the longest fitting length and the one below it
+            high, low = low, trace(max(below))
+        else:
+            high = low
         rise, run = _growing(high) - _growing(low), high.seq_len - low.seq_len
         guess = (
             low.seq_len + (budget - _growing(low)) * run / rise
             if rise > 0 and run
-            else fits * MAX_GROWTH
+            else fits * (MAX_GROWTH if below else 2)
         )
-        upper = min(cap, fits * MAX_GROWTH) if over is None else over - step
+        upper = min(hi, fits * MAX_GROWTH) if over is None else over - step
         candidate = min(max(int(guess) // step * step, fits + step), upper)
         if candidate in traced:  # the secant stalled: bisect
             middle = (fits + (over if over is not None else 2 * fits)) // 2
             candidate = min(max(middle // step * step, fits + step), upper)
     raise AutoSPError(
         f"autosp plan: no answer after {MAX_TRACES} traced lengths (last: {fits:,} fits, "
-        f"{over:,} does not); the peak is far from linear in the tokens: trace explicit "
-        "lengths with --lengths"
+        f"{'none' if over is None else f'{over:,}'} does not); the peak is far from linear "
+        "in the tokens: trace explicit lengths with --lengths"
     )
