@@ -27,7 +27,9 @@ precision weights (as Note [Chunked loss] does).
 
 The op is opaque to the partitioner: Note [Sequence-aware recomputation] marks it saved (it is
 an ``autosp`` op), so its output is kept and its inside is never recomputed by the graph as
-well. Its rows are independent, so under sequence parallelism each rank runs its own rows.
+well; under ``recompute="full"`` it is recomputed where the backward reads its output (the
+last layer's, for the final norm), never for its own backward, which reads only its input.
+Its rows are independent, so under sequence parallelism each rank runs its own rows.
 
 When: ``Config.tile_mlp`` ``True`` / ``False`` forces it; ``"auto"`` tiles an MLP in a call
 where one ``[tokens per rank, intermediate]`` activation exceeds ``AUTO_BYTES``. That is decided

@@ -58,8 +58,9 @@ class PlanSettings:
     their dtype), or no optimizer step (``"none"``)."""
     chunk_loss: bool = True
     recompute: str = "auto"
-    """``Config.recompute``; under ``"auto"`` the budget of ``"cheap"``'s saved activations is
-    ``AUTO_SHARE`` of ``memory_gib``, as on a device of that size."""
+    """``Config.recompute``; under ``"auto"`` the budget of the saved activations of
+    ``"cheap"`` and ``"layers"`` is ``AUTO_SHARE`` of ``memory_gib``, as on a device of that
+    size."""
     multiple: int = 1024
     """The answer is a multiple of this many tokens (rounded up to a multiple of 2 sp)."""
     lengths: tuple[int, ...] = ()
@@ -386,9 +387,11 @@ def plan(
     length whose per-rank peak fits ``settings.memory_gib``.
 
     The peak grows about linearly with the tokens (the chunked loss and the recognised masks
-    leave nothing quadratic): two lengths are traced and a line fitted, the length where it
-    meets the budget is traced, and a secant search over traced lengths (bisection when it
-    stalls) ends at a length that fits whose next multiple of ``settings.step`` does not.
+    leave nothing quadratic) within each range of lengths that runs one recomputation policy
+    (``_segments``): in each range whose first length fits, two lengths are traced and a line
+    fitted, the length where it meets the budget is traced, and a secant search over traced
+    lengths (bisection when it stalls) ends at a length that fits whose next multiple of
+    ``settings.step`` does not (or at the range's end); the answer is the longest of them.
 
     Raises:
         AutoSPError: bad settings, a second process group, or a budget that even the
