@@ -116,9 +116,13 @@ class Plan:
     """The largest traced length (a multiple of ``settings.step``) whose peak fits; the next
     one was traced too and does not fit (unless ``largest`` is ``settings.max_tokens``)."""
     slope: float
-    """Bytes per token of sequence (global) of the line fitted through the traced peaks."""
+    """Bytes per token of sequence (global) of the line fitted through the traced peaks of
+    ``fit_range``."""
     fixed: float
     """Bytes at zero tokens of that line."""
+    fit_range: tuple[int, int]
+    """The lengths of the fitted line: those that run the answer's recomputation policy
+    (``_segments``)."""
     plans: list[str]
     """What autosp did to the traced graph (``model.plans``)."""
     compile_s: float
@@ -141,6 +145,7 @@ class Plan:
             "tokens_per_rank": self.largest // self.settings.sp,
             "slope_bytes_per_token": round(self.slope, 1),
             "fixed_bytes": round(self.fixed),
+            "fit_range": list(self.fit_range),
             "points": [
                 {
                     "seq_len": p.seq_len,
@@ -420,14 +425,17 @@ def plan(
                 )
             return traced[seq_len]
 
-        largest = _largest(trace, traced, _segments(emulator, settings), settings)
+        segments = _segments(emulator, settings)
+        largest = _largest(trace, traced, segments, settings)
         for extra in settings.lengths:
             trace(extra)
         for i in range(1, settings.curve_points + 1):
             fraction = i / (settings.curve_points + 1)
             trace(max(step, int(largest * fraction) // step * step))
         points = sorted(traced.values(), key=lambda p: p.seq_len)
-        slope, fixed = _fit(points)
+        fit_range = next((lo, hi) for lo, hi in segments if lo <= largest <= hi)
+        in_range = [p for p in points if fit_range[0] <= p.seq_len <= fit_range[1]]
+        slope, fixed = _fit(in_range if len(in_range) >= 2 else points)
         trace_s = sum(p.seconds for p in points)
         return Plan(
             model=name,
@@ -437,6 +445,7 @@ def plan(
             largest=largest,
             slope=slope,
             fixed=fixed,
+            fit_range=fit_range,
             plans=emulator.plan_lines(),
             compile_s=compile_s,
             trace_s=trace_s,

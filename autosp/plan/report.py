@@ -62,6 +62,12 @@ def table(plan: Plan) -> str:
         f"largest sequence length: {plan.largest:,} tokens ({plan.largest // s.sp:,} per "
         f"rank; {plan.largest * s.batch_size * s.dp:,} tokens per step over {s.sp * s.dp} "
         f"ranks); slope {plan.slope * s.sp * 1000 / GIB:.3f} GiB per 1k tokens per rank"
+        + (
+            f" (fitted from {plan.fit_range[0]:,} tokens, where calls run the answer's "
+            "recomputation policy)"
+            if plan.fit_range[0] > s.step
+            else ""
+        )
     )
     lines.append(f"compile {plan.compile_s:.0f} s, {len(plan.points)} traces {plan.trace_s:.0f} s")
     return "\n".join(lines)
