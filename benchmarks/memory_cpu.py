@@ -40,6 +40,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
     "defaults (chunked loss, recompute='cheap')": {},
     "chunked loss + recompute='layers'": {"recompute": "layers"},
+    "chunked loss + recompute='full'": {"recompute": "full"},
     "defaults + tiled MLP (tile_mlp=True)": {"tile_mlp": True},
     "MLP 4x wider: defaults": {"intermediate_size": 4096},
     "MLP 4x wider: defaults + tiled MLP (tile_mlp=True)": {
