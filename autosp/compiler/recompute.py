@@ -103,6 +103,14 @@ def _saved(node: Node, policy: str) -> bool:
     return policy == "cheap" and name in MATMULS
 
 
+def policy_within(limits: tuple[int, int], tokens_per_rank: int) -> str:
+    """The policy ``"auto"`` runs in a call of ``tokens_per_rank`` tokens on each rank, given
+    the most tokens per rank that run ``"cheap"``, and ``"cheap"`` or ``"layers"``."""
+    if tokens_per_rank <= limits[0]:
+        return "cheap"
+    return "layers" if tokens_per_rank <= limits[1] else "full"
+
+
 @dataclass(frozen=True, slots=True)
 class AutoRecompute:
     """``recompute="auto"``'s rule for one traced graph (Note [Recomputation by length])."""
@@ -124,9 +132,7 @@ class AutoRecompute:
         return self.cheap_bytes_per_token - untiled
 
     def policy(self, tokens_per_rank: int) -> str:
-        if tokens_per_rank <= self.limit:
-            return "cheap"
-        return "layers" if tokens_per_rank <= self.layers_limit else "full"
+        return policy_within((self.limit, self.layers_limit), tokens_per_rank)
 
     @property
     def limit(self) -> int:

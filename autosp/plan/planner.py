@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from autosp.compiler.recompute import AUTO_SHARE
+from autosp.compiler.recompute import AUTO_SHARE, policy_within
 from autosp.config import RECOMPUTE_POLICIES
 from autosp.errors import AutoSPError
 from autosp.mesh import sequence_parallel_mesh
@@ -102,6 +102,8 @@ class Point:
     seq_len: int
     memory: StepMemory
     seconds: float
+    recompute: str
+    """The recomputation policy the traced call ran (Note [Recomputation by length])."""
 
 
 @dataclass(slots=True)
@@ -156,6 +158,7 @@ class Plan:
                     "saved_at_forward_end_bytes": p.memory.saved_at_forward_end,
                     "fits": p.memory.peak <= self.budget,
                     "trace_s": round(p.seconds, 2),
+                    "recompute": p.recompute,
                 }
                 for p in sorted(self.points, key=lambda p: p.seq_len)
             ],
@@ -411,12 +414,20 @@ def plan(
         compile_s = time.perf_counter() - start
         progress(f"compiled in {compile_s:.0f} s")
         traced: dict[int, Point] = {}
+        limits = _auto_limits(emulator)
+
+        def policy(seq_len: int) -> str:
+            if limits is None:
+                return settings.recompute
+            per_rank = settings.batch_size * -(-seq_len // settings.sp)
+            return policy_within(limits, per_rank)
 
         def trace(seq_len: int) -> Point:
             if seq_len not in traced:
                 begin = time.perf_counter()
                 memory = emulator.trace(seq_len)
-                traced[seq_len] = Point(seq_len, memory, time.perf_counter() - begin)
+                seconds = time.perf_counter() - begin
+                traced[seq_len] = Point(seq_len, memory, seconds, policy(seq_len))
                 verdict = "fits" if memory.peak <= budget else "over"
                 progress(
                     f"traced {seq_len:>12,} tokens ({seq_len // settings.sp:,} per rank): peak "
@@ -453,13 +464,19 @@ def plan(
         )
 
 
+def _auto_limits(emulator: Emulator) -> tuple[int, int] | None:
+    """Under ``recompute="auto"``: the most tokens per rank that run ``"cheap"``, and
+    ``"cheap"`` or ``"layers"``."""
+    return next((p.auto_limits for p in emulator.parallel.plans if p.auto_limits), None)
+
+
 def _segments(emulator: Emulator, settings: PlanSettings) -> list[tuple[int, int]]:
     """The ranges of sequence lengths (multiples of ``settings.step``, up to
     ``settings.max_tokens``) whose peak grows with the length: one, or under
     ``recompute="auto"`` one per policy, as the peak drops where calls switch from ``"cheap"``
     to ``"layers"`` and from ``"layers"`` to ``"full"`` (Note [Recomputation by length])."""
     step, cap = settings.step, settings.max_tokens
-    limits = next((p.auto_limits for p in emulator.parallel.plans if p.auto_limits), ())
+    limits = _auto_limits(emulator) or ()
     ends = sorted({limit * settings.sp // settings.batch_size // step * step for limit in limits})
     starts = [step] + [end + step for end in ends]
     return [(lo, min(hi, cap)) for lo, hi in zip(starts, [*ends, cap], strict=True) if lo <= cap]

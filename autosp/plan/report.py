@@ -20,7 +20,7 @@ SHORT = {
 def table(plan: Plan) -> str:
     """The traced lengths, their per-rank peak and its breakdown (GiB), and the answer."""
     s = plan.settings
-    head = ["seq len", "per rank", *(SHORT[c] for c in CATEGORIES), "peak", "at", ""]
+    head = ["seq len", "per rank", "recompute", *(SHORT[c] for c in CATEGORIES), "peak", "at", ""]
     rows = []
     for p in plan.points:
         mark = ""
@@ -32,6 +32,7 @@ def table(plan: Plan) -> str:
             [
                 f"{p.seq_len:,}",
                 f"{p.seq_len // s.sp:,}",
+                p.recompute,
                 *(f"{p.memory.breakdown[c] / GIB:.2f}" for c in CATEGORIES),
                 f"{p.memory.peak / GIB:.2f}",
                 p.memory.peak_phase,
