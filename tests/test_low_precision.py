@@ -86,7 +86,8 @@ def _check(results: dict[str, Any], strategy: str) -> None:
     ("world", "cases", "strategy"),
     [
         # Ulysses (4 heads over 2 ranks), and a sliding window (blockwise attention); the
-        # memory options off and on: the model's own head and loss, whole layers recomputed.
+        # memory options off and on: the model's own head and loss, whole layers recomputed
+        # (attention and collectives kept, then included).
         (
             2,
             [
@@ -94,6 +95,7 @@ def _check(results: dict[str, Any], strategy: str) -> None:
                 ("mistral_sliding_window", {}),
                 ("llama", {"chunk_loss": False}),
                 ("llama", {"backend": "aot_eager", "recompute": "layers"}),
+                ("llama", {"backend": "aot_eager", "recompute": "full"}),
             ],
             "ulysses",
         ),
