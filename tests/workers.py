@@ -398,6 +398,33 @@ def recompute_step(family: str, recompute: str, budget_gib: float | None = None)
     }
 
 
+def inductor_recompute_step(recompute: str) -> dict[str, Any]:
+    """One training step under ``Config.recompute`` compiled by Inductor (caches off): parity
+    with one process, the recompute plan, and how many buffers Inductor's generated code reuses
+    (``# reuse`` lines: a freed buffer taken by a later kernel, or one a kernel writes over)."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = build("llama")
+    ref = copy.deepcopy(model)
+    parallel = autosp.parallelize(model, backend="inductor", recompute=recompute)
+    ids, labels = make_batch(2, 32, seed=3)
+
+    def step() -> torch.Tensor:
+        loss = parallel(input_ids=ids, labels=labels)["loss"]
+        loss.backward()
+        return loss
+
+    with torch._inductor.config.patch(force_disable_caches=True):
+        loss, code = run_and_get_code(step)
+    expected = ref(input_ids=ids, labels=labels)["loss"]
+    expected.backward()
+    return {
+        **step_errors(loss, expected, model, ref),
+        "plan": [line for p in parallel.plans for line in p.recompute],
+        "reused": sum(c.count("# reuse") for c in code),
+    }
+
+
 def auto_recompute_steps(budget_gib: float, lengths: tuple[int, ...]) -> list[dict[str, Any]]:
     """Training steps at ``lengths`` (batch 2) under ``recompute="auto"`` with a budget: per
     step, parity with one process, the bytes saved for the backward and the recompute plan

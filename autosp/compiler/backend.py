@@ -10,6 +10,7 @@ the call, in ``autosp.api``: Note [Input agreement].)
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from autosp.compiler.masks import MaskPlan
 from autosp.compiler.offload import offload_compiler
 from autosp.compiler.pipeline import ANALYSIS_PASSES, REWRITE_PASSES, run_passes
 from autosp.compiler.propagate import Plan
-from autosp.compiler.recompute import tokens_per_rank
+from autosp.compiler.recompute import inductor_options, tokens_per_rank
 from autosp.shards import register_shard
 
 if TYPE_CHECKING:
@@ -137,6 +138,17 @@ class Runner:
         return outputs
 
 
+def inner_compiler(
+    backend: str, inductor_options: dict[str, Any]
+) -> Callable[[GraphModule, list[Any]], Callable[..., Any]]:
+    """The compiler of the rank-local graph: ``backend`` as registered with torch.compile,
+    Inductor with ``inductor_options`` patched into its config."""
+    compiler = torch._dynamo.lookup_backend(backend)
+    if not inductor_options:
+        return compiler
+    return functools.partial(compiler, config_patches=inductor_options)
+
+
 @dataclass(slots=True)
 class AutoSPBackend:
     """A ``torch.compile`` backend that makes the captured forward sequence-parallel."""
@@ -177,14 +189,20 @@ class AutoSPBackend:
             ctx.tokens_per_rank = tokens_per_rank(tokens, ctx.seq_source[1], ctx.group.world)
             local_gm = run_passes(REWRITE_PASSES, gm, ctx)
             plan = ctx.plan
+            options = inductor_options(choice.recompute) if backend == "inductor" else {}
+            if options:
+                plan.recompute.append(
+                    "inductor: buffer reuse off (a freed buffer kept for a later kernel would "
+                    "raise the peak of the recomputed layers' backward)"
+                )
             logger.debug("autosp rank-local graph:\n%s", local_gm.code)
             for line in plan.attention + plan.loss + plan.mlp + plan.recompute:
                 logger.info("autosp: %s", line)
             self.state.plans.append(plan)
             inner = (
-                offload_compiler(backend, plan, ctx.seq_syms)
+                offload_compiler(backend, plan, ctx.seq_syms, options)
                 if self.config.offload
-                else torch._dynamo.lookup_backend(backend)
+                else inner_compiler(backend, options)
             )
             compiled = inner(local_gm, list(example_inputs) if inputs is None else inputs)
             for line in plan.offload:

@@ -209,10 +209,14 @@ def _without_constant_outputs(
 
 
 def offload_compiler(
-    backend: str, plan: Plan, seq_syms: frozenset[sympy.Symbol]
+    backend: str,
+    plan: Plan,
+    seq_syms: frozenset[sympy.Symbol],
+    inductor_options: dict[str, Any],
 ) -> Callable[[GraphModule, list[Any]], Callable[..., Any]]:
     """The inner compiler ``backend`` (``"inductor"`` or ``"aot_eager"``) partitioning with
-    ``OffloadPartitioner``, with the AOTAutograd cache off."""
+    ``OffloadPartitioner``, with the AOTAutograd cache off; ``inductor_options`` patch
+    Inductor's config."""
     partitioner = OffloadPartitioner(plan, seq_syms)
 
     def compile_graph(gm: GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
@@ -221,7 +225,9 @@ def offload_compiler(
             if backend == "inductor":
                 inductor = torch._dynamo.lookup_backend("inductor")
                 compiled = inductor(
-                    gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner}
+                    gm,
+                    example_inputs,
+                    config_patches={"custom_partitioner_fn": partitioner, **inductor_options},
                 )
             else:
                 from torch._dynamo.backends.common import aot_autograd

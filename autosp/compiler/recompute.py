@@ -48,6 +48,19 @@ that runs ``"full"`` logs a warning: its attention runs three times. The graph t
 compiled for the policy of the traced length; a call whose length needs another policy (or
 other MLPs tiled: ``context.LengthChoice``) gets its own graph, compiled on first use for its
 shapes (``backend.Runner``), and a log line. Values never depend on the choice.
+
+Note [Buffer reuse under recomputation]
+---------------------------------------
+Under ``"layers"`` and ``"full"`` the backward graph recomputes each layer and differentiates
+it before the next, and the peak is one layer's recomputed activations and gradients. Inductor
+by default keeps a buffer freed by one kernel for a later kernel of the same size
+(``allow_buffer_reuse``), when its own estimate of the graph's peak does not grow; that
+estimate does not see the scratch of the kernels it calls (the attention's backward), so freed
+MLP-sized buffers were held across the attention's backward and raised the real peak: 371 MiB
+against 309 MiB with the same ops run one by one (the CPU benchmark's model, 16k tokens,
+``"full"``, ``benchmarks/plan_vs_measured.py``). So graphs compiled for these two policies turn
+the reuse off (``inductor_options``): 316 MiB, at the same step time on CPU; on a GPU the
+caching allocator serves the extra allocations.
 """
 
 from __future__ import annotations
@@ -162,6 +175,12 @@ class AutoRecompute:
             f"{self.budget / GIB:.3g} GiB (Config.activation_memory_gib); 'cheap' up to "
             f"~{self.limit:,} tokens per rank, 'layers' up to ~{self.layers_limit:,}"
         )
+
+
+def inductor_options(policy: str) -> dict[str, bool]:
+    """Inductor's config for a graph compiled under ``policy`` (Note [Buffer reuse under
+    recomputation])."""
+    return {"allow_buffer_reuse": False} if policy in ("layers", "full") else {}
 
 
 def tokens_per_rank(tokens: torch.Tensor, dim: int, world: int) -> int:
