@@ -61,7 +61,8 @@ class Config:
     ``"auto"``: for each call the first of ``"cheap"`` and ``"layers"`` whose saved
     activations fit in ``activation_memory_gib``, else ``"full"`` (Note [Recomputation by
     length]). Takes effect with an AOTAutograd backend (``"inductor"``, ``"aot_eager"``);
-    values never change."""
+    Inductor compiles graphs under ``"layers"`` and ``"full"`` with its buffer reuse off (Note
+    [Buffer reuse under recomputation]). Values never change."""
     activation_memory_gib: float | None = None
     """Under ``recompute="auto"``: GiB per rank that the saved activations of ``"cheap"``
     (then of ``"layers"``) may take before a call switches to ``"layers"`` (then to
