@@ -9,7 +9,7 @@ import pytest
 import autosp
 from autosp.compiler.recompute import AutoRecompute
 from tests.multirank import run_ranks
-from tests.workers import auto_recompute_steps, inductor_recompute_step, recompute_step
+from tests.workers import auto_recompute_steps, inductor_recompute_steps, recompute_step
 
 LAYERS = 2  # tests.models builds two-layer models
 
@@ -133,7 +133,8 @@ def test_inductor_keeps_no_buffer_for_later_under_layer_recomputation() -> None:
     """Under "full" Inductor compiles with its buffer reuse off (Note [Buffer reuse under
     recomputation]): exact, said in the plan, and its code reuses a few buffers (in place)
     where "cheap"'s reuses many (with the reuse on, "full"'s code here has 54)."""
-    runs = {policy: run_ranks(2, inductor_recompute_step, policy) for policy in ("cheap", "full")}
+    ranks = run_ranks(2, inductor_recompute_steps, ("cheap", "full"))  # one spawn for both
+    runs = {policy: [rank[policy] for rank in ranks] for policy in ("cheap", "full")}
     for policy, results in runs.items():
         for result in results:
             assert result["loss_rel_err"] <= 1e-5, result

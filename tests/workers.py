@@ -425,6 +425,11 @@ def inductor_recompute_step(recompute: str) -> dict[str, Any]:
     }
 
 
+def inductor_recompute_steps(policies: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``inductor_recompute_step`` under each of ``policies``."""
+    return {policy: inductor_recompute_step(policy) for policy in policies}
+
+
 def auto_recompute_steps(budget_gib: float, lengths: tuple[int, ...]) -> list[dict[str, Any]]:
     """Training steps at ``lengths`` (batch 2) under ``recompute="auto"`` with a budget: per
     step, parity with one process, the bytes saved for the backward and the recompute plan
