@@ -105,7 +105,9 @@ def test_sharded_parameters_divide_the_fixed_memory() -> None:
     rows = sum(-(-shape[0] // 4) * math.prod(shape[1:]) for shape in shapes)
 
     def planned(shard: bool) -> Plan:
-        settings = PlanSettings(memory_gib=0.05, sp=2, dp=2, shard_params=shard, curve_points=0)
+        settings = PlanSettings(
+            memory_gib=0.05, sp=2, dp=2, shard_params=shard, recompute="cheap", curve_points=0
+        )
         return plan(config, settings)
 
     whole, sharded = planned(False), planned(True)
@@ -156,6 +158,8 @@ def test_cli_prints_table_and_writes_plot(tmp_path: Path) -> None:
         "fp32",
         "--optimizer",
         "param",
+        "--recompute",
+        "cheap",
         "--out",
         str(tmp_path),
     ]
@@ -224,3 +228,19 @@ def test_refuses_an_initialised_process_group(tmp_path: Path) -> None:
     finally:
         dist.destroy_process_group()
     assert torch.distributed.is_initialized() is False
+
+
+def test_chunk_loops_visit_first_and_last_chunk_on_fake_tensors() -> None:
+    """Note [Chunk loops on fake tensors]: real tensors get every chunk, fake ones the first
+    and the last (shorter) chunk; a loop of one or two chunks is the same either way."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from autosp.compiler.row_chunks import row_chunks
+
+    real = torch.empty(10, 3)
+    with FakeTensorMode():
+        fake = torch.empty(10, 3)
+    assert row_chunks(10, 3, real) == [slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 12)]
+    assert row_chunks(10, 3, fake) == [slice(0, 3), slice(9, 12)]
+    assert row_chunks(10, 5, fake) == row_chunks(10, 5, real) == [slice(0, 5), slice(5, 10)]
+    assert row_chunks(4, 8, fake) == [slice(0, 8)]

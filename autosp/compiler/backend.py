@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.backends.debugging import boxed_nop
 from torch.fx import GraphModule
 from torch.utils._python_dispatch import _disable_current_modes
 
@@ -139,14 +141,32 @@ class Runner:
 
 
 def inner_compiler(
-    backend: str, inductor_options: dict[str, Any]
+    backend: str,
+    inductor_options: dict[str, Any],
+    partitioner: Callable[..., Any] | None = None,
 ) -> Callable[[GraphModule, list[Any]], Callable[..., Any]]:
     """The compiler of the rank-local graph: ``backend`` as registered with torch.compile,
-    Inductor with ``inductor_options`` patched into its config."""
-    compiler = torch._dynamo.lookup_backend(backend)
-    if not inductor_options:
-        return compiler
-    return functools.partial(compiler, config_patches=inductor_options)
+    Inductor with ``inductor_options`` patched into its config. ``partitioner``, when given,
+    splits the joint graph: Inductor's ``custom_partitioner_fn``, or AOTAutograd's
+    ``partition_fn`` around no-op compilers for ``"aot_eager"``."""
+    if partitioner is None:
+        compiler = torch._dynamo.lookup_backend(backend)
+        return (
+            functools.partial(compiler, config_patches=inductor_options)
+            if inductor_options
+            else compiler
+        )
+    if backend == "inductor":
+        return functools.partial(
+            torch._dynamo.lookup_backend("inductor"),
+            config_patches={"custom_partitioner_fn": partitioner, **inductor_options},
+        )
+    return aot_autograd(
+        fw_compiler=boxed_nop,
+        bw_compiler=boxed_nop,
+        partition_fn=partitioner,
+        keep_inference_input_mutations=True,
+    )
 
 
 @dataclass(slots=True)
@@ -200,7 +220,9 @@ class AutoSPBackend:
                 logger.info("autosp: %s", line)
             self.state.plans.append(plan)
             inner = (
-                offload_compiler(backend, plan, ctx.seq_syms, options)
+                offload_compiler(
+                    functools.partial(inner_compiler, backend, options), plan, ctx.seq_syms
+                )
                 if self.config.offload
                 else inner_compiler(backend, options)
             )

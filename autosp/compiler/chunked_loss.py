@@ -40,6 +40,7 @@ from autosp.compiler.loss import global_mean
 from autosp.compiler.ops_table import meta, op_name
 from autosp.compiler.placement import Partial, Replicate, Shard
 from autosp.compiler.propagate import ShardingPass, UnsupportedOp, rule
+from autosp.compiler.row_chunks import row_chunks
 
 CHUNK_BYTES = 64 * 2**20
 """Default size of one chunk's fp32 logits."""
@@ -103,19 +104,19 @@ def linear_cross_entropy_op(
     grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(sum of token losses in fp64, d sum / d hidden, d sum / d weight)`` over ``[N, H]``
-    rows of ``hidden``, ``chunk`` rows at a time (Note [Chunked loss]); the gradients are
-    empty when not ``grads``."""
+    rows of ``hidden``, ``chunk`` rows at a time (Note [Chunked loss], Note [Chunk loops on fake
+    tensors]); the gradients are empty when not ``grads``."""
     total = hidden.new_zeros((), dtype=torch.float64)
     grad_hidden = torch.empty_like(hidden) if grads else hidden.new_empty(0)
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grads else weight.new_empty(0)
-    for start in range(0, hidden.shape[0], chunk):
-        rows, labels = hidden[start : start + chunk], target[start : start + chunk]
+    for part in row_chunks(hidden.shape[0], chunk, hidden):
+        rows = hidden[part]
         loss, grad = _chunk_terms(
-            rows, weight, labels, ignore_index, label_smoothing, softcap, grads
+            rows, weight, target[part], ignore_index, label_smoothing, softcap, grads
         )
         total += loss
         if grad is not None:
-            torch.mm(grad, weight, out=grad_hidden[start : start + chunk])
+            torch.mm(grad, weight, out=grad_hidden[part])
             grad_weight += torch.mm(grad.t(), rows)
     return total, grad_hidden, grad_weight.to(weight.dtype)
 

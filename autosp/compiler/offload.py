@@ -209,36 +209,18 @@ def _without_constant_outputs(
 
 
 def offload_compiler(
-    backend: str,
+    compiler_for: Callable[[OffloadPartitioner], Callable[..., Any]],
     plan: Plan,
     seq_syms: frozenset[sympy.Symbol],
-    inductor_options: dict[str, Any],
 ) -> Callable[[GraphModule, list[Any]], Callable[..., Any]]:
-    """The inner compiler ``backend`` (``"inductor"`` or ``"aot_eager"``) partitioning with
-    ``OffloadPartitioner``, with the AOTAutograd cache off; ``inductor_options`` patch
-    Inductor's config."""
-    partitioner = OffloadPartitioner(plan, seq_syms)
+    """The inner compiler ``compiler_for(partitioner)`` partitioning with
+    ``OffloadPartitioner``, with the AOTAutograd cache off."""
+    compiler = compiler_for(OffloadPartitioner(plan, seq_syms))
 
     def compile_graph(gm: GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         gm, restore = _without_constant_outputs(gm)
         with torch._functorch.config.patch(enable_autograd_cache=False):
-            if backend == "inductor":
-                inductor = torch._dynamo.lookup_backend("inductor")
-                compiled = inductor(
-                    gm,
-                    example_inputs,
-                    config_patches={"custom_partitioner_fn": partitioner, **inductor_options},
-                )
-            else:
-                from torch._dynamo.backends.common import aot_autograd
-                from torch._dynamo.backends.debugging import boxed_nop
-
-                compiled = aot_autograd(
-                    fw_compiler=boxed_nop,
-                    bw_compiler=boxed_nop,
-                    partition_fn=partitioner,
-                    keep_inference_input_mutations=True,
-                )(gm, example_inputs)
+            compiled = compiler(gm, example_inputs)
         return lambda *args: restore(compiled(*args))
 
     return compile_graph

@@ -56,6 +56,7 @@ from autosp.compiler.context import CompileContext
 from autosp.compiler.ops_table import meta, op_name
 from autosp.compiler.placement import Replicate, Shard
 from autosp.compiler.propagate import ShardingPass, UnsupportedOp, rule
+from autosp.compiler.row_chunks import row_chunks
 from autosp.compiler.seqdims import seq_dims
 
 AUTO_BYTES = 256 * 2**20
@@ -77,7 +78,7 @@ MODULE_KEY = "autosp_mlp_module"
 """Node meta: the path of the module a tiled MLP came from, for ``model.plans``."""
 
 
-def chunk_rows(intermediate: int, itemsize: int, chunk_tokens: int | None) -> int:
+def span(intermediate: int, itemsize: int, chunk_tokens: int | None) -> int:
     """Rows per chunk: ``chunk_tokens``, or as many as make ``CHUNK_BYTES`` of intermediate
     activation."""
     if chunk_tokens:
@@ -131,10 +132,10 @@ def tiled_mlp(
     (Note [Tiled MLP])."""
     rows = x.reshape(-1, x.shape[-1])
     out = rows.new_empty(rows.shape[0], down_weight.shape[0])
-    for start in range(0, rows.shape[0], chunk):
-        part = rows[start : start + chunk]
+    for block in row_chunks(rows.shape[0], chunk, rows):
+        part = rows[block]
         inner = _activate(F.linear(part, gate_weight), activation) * F.linear(part, up_weight)
-        out[start : start + chunk] = F.linear(inner, down_weight)
+        out[block] = F.linear(inner, down_weight)
     return out.view(*x.shape[:-1], down_weight.shape[0])
 
 
@@ -169,8 +170,8 @@ def tiled_mlp_backward(
     grad_gate, grad_up, grad_down = (
         torch.zeros_like(w, dtype=wide) for w in (gate_weight, up_weight, down_weight)
     )
-    for start in range(0, rows.shape[0], chunk):
-        part, grad_part = rows[start : start + chunk], grads[start : start + chunk]
+    for block in row_chunks(rows.shape[0], chunk, rows):
+        part, grad_part = rows[block], grads[block]
         gate = F.linear(part, gate_weight)
         up = F.linear(part, up_weight)
         activated = _activate(gate, activation)
@@ -181,9 +182,7 @@ def tiled_mlp_backward(
         del gate, up, activated, grad_inner
         _accumulate(grad_gate, grad_gate_part.t(), part)
         _accumulate(grad_up, grad_up_part.t(), part)
-        grad_x[start : start + chunk] = torch.mm(grad_gate_part, gate_weight) + torch.mm(
-            grad_up_part, up_weight
-        )
+        grad_x[block] = torch.mm(grad_gate_part, gate_weight) + torch.mm(grad_up_part, up_weight)
     return (
         grad_x.view_as(x),
         grad_gate.to(gate_weight.dtype),
@@ -366,7 +365,7 @@ def tile_mlp_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
         x, gate_weight, up_weight, down_weight, activation, inner = _gated_mlp(down)
         value = meta(x)
         intermediate = meta(gate_weight).shape[0]
-        chunk = chunk_rows(intermediate, value.element_size(), ctx.config.mlp_chunk_tokens)
+        chunk = span(intermediate, value.element_size(), ctx.config.mlp_chunk_tokens)
         with graph.inserting_before(down):
             tiled = graph.call_function(
                 torch.ops.autosp.tiled_mlp.default,
