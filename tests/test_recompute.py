@@ -9,7 +9,7 @@ import pytest
 import autosp
 from autosp.compiler.recompute import AutoRecompute
 from tests.multirank import run_ranks
-from tests.workers import auto_recompute_steps, inductor_recompute_steps, recompute_step
+from tests.workers import auto_recompute_steps, inductor_recompute_step, recompute_step
 
 LAYERS = 2  # tests.models builds two-layer models
 
@@ -131,19 +131,13 @@ def test_auto_counts_tiled_mlps_out() -> None:
 
 def test_inductor_keeps_no_buffer_for_later_under_layer_recomputation() -> None:
     """Under "full" Inductor compiles with its buffer reuse off (Note [Buffer reuse under
-    recomputation]): exact, said in the plan, and its code reuses a few buffers (in place)
-    where "cheap"'s reuses many (with the reuse on, "full"'s code here has 54)."""
-    ranks = run_ranks(2, inductor_recompute_steps, ("cheap", "full"))  # one spawn for both
-    runs = {policy: [rank[policy] for rank in ranks] for policy in ("cheap", "full")}
-    for policy, results in runs.items():
-        for result in results:
-            assert result["loss_rel_err"] <= 1e-5, result
-            assert max(result["grad_rel_err"].values()) <= 1e-4, result["grad_rel_err"]
-            assert any(
-                line.startswith("inductor: buffer reuse off") for line in result["plan"]
-            ) == (policy == "full"), result["plan"]
-    for full, cheap in zip(runs["full"], runs["cheap"], strict=True):
-        assert full["reused"] * 3 < cheap["reused"], (full["reused"], cheap["reused"])
+    recomputation]): exact, said in the plan, and few of its code's buffers reuse another (in
+    place). Here 10 of 229; with the reuse on, 54 of the same 229."""
+    for result in run_ranks(2, inductor_recompute_step, "full"):
+        assert result["loss_rel_err"] <= 1e-5, result
+        assert max(result["grad_rel_err"].values()) <= 1e-4, result["grad_rel_err"]
+        assert any(line.startswith("inductor: buffer reuse off") for line in result["plan"])
+        assert result["reused"] * 8 < result["buffers"], (result["reused"], result["buffers"])
 
 
 def test_unknown_policy() -> None:

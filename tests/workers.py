@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import re
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -400,8 +401,9 @@ def recompute_step(family: str, recompute: str, budget_gib: float | None = None)
 
 def inductor_recompute_step(recompute: str) -> dict[str, Any]:
     """One training step under ``Config.recompute`` compiled by Inductor (caches off): parity
-    with one process, the recompute plan, and how many buffers Inductor's generated code reuses
-    (``# reuse`` lines: a freed buffer taken by a later kernel, or one a kernel writes over)."""
+    with one process, the recompute plan, and how many of the buffers Inductor's generated code
+    assigns reuse another (``# reuse`` lines: a freed buffer taken by a later kernel, or one a
+    kernel writes over)."""
     from torch._inductor.utils import run_and_get_code
 
     model = build("llama")
@@ -422,12 +424,8 @@ def inductor_recompute_step(recompute: str) -> dict[str, Any]:
         **step_errors(loss, expected, model, ref),
         "plan": [line for p in parallel.plans for line in p.recompute],
         "reused": sum(c.count("# reuse") for c in code),
+        "buffers": sum(len(re.findall(r"^\s*buf\d+ = ", c, re.MULTILINE)) for c in code),
     }
-
-
-def inductor_recompute_steps(policies: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """``inductor_recompute_step`` under each of ``policies``."""
-    return {policy: inductor_recompute_step(policy) for policy in policies}
 
 
 def auto_recompute_steps(budget_gib: float, lengths: tuple[int, ...]) -> list[dict[str, Any]]:
