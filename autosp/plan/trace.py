@@ -19,6 +19,8 @@ bytes on the rank.
 autosp's own custom ops (chunked loss, collectives, ring attention) would run only their
 shape functions on fake tensors; the tracker runs their real implementations instead, so
 their internal buffers (a chunk's logits, the fp32 weight-gradient accumulator) are counted.
+Their chunk loops visit the first and the last chunk only (Note [Chunk loops on fake
+tensors]): every full chunk reaches the same peak.
 
 What it does not see: the allocator's rounding and caching, the runtime's own memory (CUDA
 context, gloo buffers, Python), and kernel workspaces. Inductor fuses pointwise ops, so its
