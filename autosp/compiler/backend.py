@@ -149,24 +149,18 @@ def inner_compiler(
     Inductor with ``inductor_options`` patched into its config. ``partitioner``, when given,
     splits the joint graph: Inductor's ``custom_partitioner_fn``, or AOTAutograd's
     ``partition_fn`` around no-op compilers for ``"aot_eager"``."""
-    if partitioner is None:
-        compiler = torch._dynamo.lookup_backend(backend)
-        return (
-            functools.partial(compiler, config_patches=inductor_options)
-            if inductor_options
-            else compiler
+    if partitioner is not None and backend != "inductor":
+        return aot_autograd(
+            fw_compiler=boxed_nop,
+            bw_compiler=boxed_nop,
+            partition_fn=partitioner,
+            keep_inference_input_mutations=True,
         )
-    if backend == "inductor":
-        return functools.partial(
-            torch._dynamo.lookup_backend("inductor"),
-            config_patches={"custom_partitioner_fn": partitioner, **inductor_options},
-        )
-    return aot_autograd(
-        fw_compiler=boxed_nop,
-        bw_compiler=boxed_nop,
-        partition_fn=partitioner,
-        keep_inference_input_mutations=True,
-    )
+    options = dict(inductor_options)
+    if partitioner is not None:
+        options["custom_partitioner_fn"] = partitioner
+    compiler = torch._dynamo.lookup_backend(backend)
+    return functools.partial(compiler, config_patches=options) if options else compiler
 
 
 @dataclass(slots=True)

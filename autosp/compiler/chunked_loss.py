@@ -40,19 +40,12 @@ from autosp.compiler.loss import global_mean
 from autosp.compiler.ops_table import meta, op_name
 from autosp.compiler.placement import Partial, Replicate, Shard
 from autosp.compiler.propagate import ShardingPass, UnsupportedOp, rule
-from autosp.compiler.row_chunks import row_chunks
+from autosp.compiler.row_chunks import row_chunks, rows_per_chunk
 
 CHUNK_BYTES = 64 * 2**20
 """Default size of one chunk's fp32 logits."""
 
 VIEWS = frozenset({"view", "reshape", "contiguous", "flatten"})
-
-
-def chunk_rows(vocab: int, chunk_tokens: int | None) -> int:
-    """Rows per chunk: ``chunk_tokens``, or as many as make ``CHUNK_BYTES`` of fp32 logits."""
-    if chunk_tokens:
-        return chunk_tokens
-    return max(1, CHUNK_BYTES // (4 * vocab))
 
 
 def _chunk_terms(
@@ -367,7 +360,7 @@ def chunk_loss_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
                     "label_smoothing": args["label_smoothing"],
                     "softcap": softcap,
                     "reduction": args["reduction"],
-                    "chunk": chunk_rows(vocab, ctx.config.loss_chunk_tokens),
+                    "chunk": rows_per_chunk(ctx.config.loss_chunk_tokens, 4 * vocab, CHUNK_BYTES),
                     "grads": meta(node).requires_grad,
                 },
             )

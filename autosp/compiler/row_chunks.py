@@ -1,4 +1,5 @@
-"""The row chunks that autosp's token-looping ops (chunked loss, tiled MLP) walk.
+"""The row chunks that autosp's token-looping ops (chunked loss, tiled MLP) walk: their size
+and the loop's slices.
 
 Note [Chunk loops on fake tensors]
 ----------------------------------
@@ -15,6 +16,12 @@ from __future__ import annotations
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+
+
+def rows_per_chunk(chunk_tokens: int | None, row_bytes: int, chunk_bytes: int) -> int:
+    """Rows per chunk: ``chunk_tokens`` when given, else as many rows of ``row_bytes`` as make
+    ``chunk_bytes`` (at least one)."""
+    return chunk_tokens or max(1, chunk_bytes // row_bytes)
 
 
 def row_chunks(rows: int, chunk: int, like: torch.Tensor) -> list[slice]:

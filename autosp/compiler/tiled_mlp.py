@@ -56,7 +56,7 @@ from autosp.compiler.context import CompileContext
 from autosp.compiler.ops_table import meta, op_name
 from autosp.compiler.placement import Replicate, Shard
 from autosp.compiler.propagate import ShardingPass, UnsupportedOp, rule
-from autosp.compiler.row_chunks import row_chunks
+from autosp.compiler.row_chunks import row_chunks, rows_per_chunk
 from autosp.compiler.seqdims import seq_dims
 
 AUTO_BYTES = 256 * 2**20
@@ -76,14 +76,6 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
 MODULE_KEY = "autosp_mlp_module"
 """Node meta: the path of the module a tiled MLP came from, for ``model.plans``."""
-
-
-def span(intermediate: int, itemsize: int, chunk_tokens: int | None) -> int:
-    """Rows per chunk: ``chunk_tokens``, or as many as make ``CHUNK_BYTES`` of intermediate
-    activation."""
-    if chunk_tokens:
-        return chunk_tokens
-    return max(1, CHUNK_BYTES // (itemsize * intermediate))
 
 
 def _approximate(activation: str) -> str:
@@ -365,7 +357,9 @@ def tile_mlp_pass(gm: GraphModule, ctx: CompileContext) -> GraphModule:
         x, gate_weight, up_weight, down_weight, activation, inner = _gated_mlp(down)
         value = meta(x)
         intermediate = meta(gate_weight).shape[0]
-        chunk = span(intermediate, value.element_size(), ctx.config.mlp_chunk_tokens)
+        chunk = rows_per_chunk(
+            ctx.config.mlp_chunk_tokens, value.element_size() * intermediate, CHUNK_BYTES
+        )
         with graph.inserting_before(down):
             tiled = graph.call_function(
                 torch.ops.autosp.tiled_mlp.default,
